@@ -1,0 +1,175 @@
+"""Stochastic gates and the gated linear layer.
+
+A gate vector z in [0, 1]^n scales the rows (outputs) or columns (inputs) of a frozen linear
+layer: `y = z_r * (W (z_c * x) + b)`. Each entry is a relaxed Bernoulli "stochastic gate"
+(Yamada et al., 2020): a trainable mean plus Gaussian noise, clamped to [0, 1] in training,
+the clamped mean at evaluation. A gate whose evaluation value is 0 closes its row/column,
+which `compress` then deletes.
+
+The parameterisation is data (`GateParam`), so the paper's published one, the original STG and
+our own recipe share one implementation:
+
+    mu       = tanh(theta)  (paper)   or   theta  (stg, ours)
+    training   z = clamp(mu + 0.5 + eps, 0, 1),  eps ~ N(0, noise_std^2)
+    eval       z = clamp(mu + 0.5, 0, 1)
+    P(open)  = Phi((mu + 0.5) / reg_sigma)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+OFFSET = 0.5  # the +0.5 shift of both the paper's code and STG
+
+
+@dataclass(frozen=True)
+class GateParam:
+    """How a gate's mean, noise and open probability are computed."""
+
+    mean_fn: str = "tanh"  # "tanh" (paper) or "identity" (STG)
+    init_mean: float = 1.0  # theta ~ N(init_mean, init_std^2)
+    init_std: float = 0.1
+    noise_std: float = 0.1  # training noise on the gate value
+    reg_sigma: float = 0.5  # sigma of the Gaussian CDF in P(open)
+
+    def __post_init__(self) -> None:
+        if self.mean_fn not in ("tanh", "identity"):
+            raise ValueError(f"mean_fn must be 'tanh' or 'identity', got {self.mean_fn!r}")
+        if self.noise_std < 0 or self.init_std < 0 or self.reg_sigma <= 0:
+            raise ValueError("gate noise/init std must be >= 0 and reg_sigma > 0")
+
+
+class Gate(nn.Module):
+    """One vector of stochastic gates."""
+
+    def __init__(self, size: int, param: GateParam) -> None:
+        super().__init__()
+        self.param = param
+        self.theta = nn.Parameter(torch.empty(size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.theta.normal_(self.param.init_mean, self.param.init_std)
+
+    @property
+    def mu(self) -> torch.Tensor:
+        return torch.tanh(self.theta) if self.param.mean_fn == "tanh" else self.theta
+
+    def forward(self) -> torch.Tensor:
+        """The gate values for this forward pass (noisy in training mode)."""
+        shifted = self.mu + OFFSET
+        if self.training and self.param.noise_std > 0:
+            shifted = shifted + self.param.noise_std * torch.randn_like(shifted)
+        return shifted.clamp(0.0, 1.0)
+
+    def values(self) -> torch.Tensor:
+        """Deterministic evaluation values (what gets baked into the weights)."""
+        return (self.mu + OFFSET).clamp(0.0, 1.0)
+
+    def open_prob(self) -> torch.Tensor:
+        """P(open) = Phi((mu + 0.5) / sigma): the differentiable quantity the penalty acts on."""
+        x = (self.mu + OFFSET) / self.param.reg_sigma
+        return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+    def closed(self) -> torch.Tensor:
+        """Boolean mask of closed gates (evaluation value exactly 0)."""
+        return self.values() <= 0.0
+
+    def extra_repr(self) -> str:
+        return f"size={self.theta.numel()}, mean_fn={self.param.mean_fn}"
+
+
+class GatedLinear(nn.Module):
+    """A frozen `nn.Linear` with row and column gates: `y = z_r * (W (z_c * x) + b)`.
+
+    Row gates also scale the bias, so a closed row outputs exactly 0 (METHOD.md, section 1).
+    The wrapped layer stays reachable as `.base` and keeps its parameter names under it.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        param: GateParam,
+        rows: bool = True,
+        cols: bool = True,
+        role: str = "",
+        layer: int = -1,
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.role = role
+        self.layer = layer
+        self.row_gate = Gate(base.out_features, param) if rows else None
+        self.col_gate = Gate(base.in_features, param) if cols else None
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        device = base.weight.device
+        self.to(device)
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:  # some HF code reads `.weight.dtype`/`.device` of projections
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def gates(self) -> dict[str, Gate]:
+        return {
+            side: g
+            for side, g in (("rows", self.row_gate), ("cols", self.col_gate))
+            if g is not None
+        }
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.col_gate is not None:
+            x = x * self.col_gate().to(x.dtype)
+        y = F.linear(x, self.base.weight, self.base.bias)
+        if self.row_gate is not None:
+            y = y * self.row_gate().to(y.dtype)
+        return y
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        """A plain `nn.Linear` with the evaluation gates baked in: `W <- Diag(z_r) W Diag(z_c)`."""
+        w = self.base.weight.detach().clone()
+        b = None if self.base.bias is None else self.base.bias.detach().clone()
+        if self.col_gate is not None:
+            w *= self.col_gate.values().to(w.dtype)[None, :]
+        if self.row_gate is not None:
+            z_r = self.row_gate.values().to(w.dtype)
+            w *= z_r[:, None]
+            if b is not None:
+                b *= z_r
+        out = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+        out.weight.copy_(w)
+        if b is not None:
+            out.bias.copy_(b)
+        return out
+
+    def gated_off_params(self) -> int:
+        """The paper's count: numel(W) - open_rows x open_cols (credits residual columns too)."""
+        out_open = self.out_features
+        in_open = self.in_features
+        if self.row_gate is not None:
+            out_open -= int(self.row_gate.closed().sum())
+        if self.col_gate is not None:
+            in_open -= int(self.col_gate.closed().sum())
+        return self.base.weight.numel() - out_open * in_open
+
+    def extra_repr(self) -> str:
+        return f"role={self.role!r}, layer={self.layer}"

@@ -1,0 +1,148 @@
+"""The sparsity penalty `R` of `loss = task_loss + lambda * R`, and the lambda controller.
+
+Kinds:
+  layer   (paper)  per gated layer, pull mean P(open) of rows and of columns to 1 - s; every
+                   layer ends with the same sparsity.
+  stg     (Yamada) mean P(open) over all gates (no target; lambda sets the sparsity).
+  budget  (ours)   expected fraction of the blocks' linear parameters that compression would
+                   delete, from the coupling rules (so residual-side gates, which delete nothing,
+                   are not pushed), pulled to the target globally: layers may differ.
+
+With `controller=True` (ours) the penalty is `lambda_t * E[kept fraction]` and lambda_t is
+adapted every step from the *hard* removed fraction (what compression would delete now) against
+a target that ramps to `sparsity` over `ramp_steps`: lambda grows while the model lags the
+schedule and shrinks once it is ahead. It is the importance threshold below which gates close,
+so gates close in order of how little the task needs them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .arch import blocks, spec_for
+from .coupling import DELETABLE_SIDE, BlockLayout, keep, kept_params
+from .gates import GatedLinear
+
+
+@dataclass
+class RegConfig:
+    """Sparsity penalty settings."""
+
+    kind: str = field(default="layer", metadata={"help": "layer (paper), stg, or budget (ours)."})
+    sparsity: float = field(default=0.4, metadata={"help": "Target fraction of parameters removed, in [0, 1)."})
+    lam: float = field(default=50.0, metadata={"help": "Penalty weight (initial value with the controller)."})
+    start_step: int = field(default=0, metadata={"help": "Step from which the penalty applies."})
+    controller: bool = field(default=False, metadata={"help": "Adapt lambda from the hard removed count."})
+    ramp_steps: int = field(default=0, metadata={"help": "Steps over which the controller's target ramps to `sparsity`."})
+    controller_rate: float = field(default=0.05, metadata={"help": "log-lambda step per update at full error."})
+    lam_max: float = field(default=1e4, metadata={"help": "Upper bound on the controlled lambda."})
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("layer", "stg", "budget"):
+            raise ValueError(f"regularizer kind must be layer, stg or budget, got {self.kind!r}")
+        if not (0.0 <= self.sparsity < 1.0) or math.isnan(self.sparsity):
+            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if self.lam < 0:
+            raise ValueError(f"lambda must be >= 0, got {self.lam}")
+        if self.controller and self.kind != "budget":
+            raise ValueError("the lambda controller works on the 'budget' regularizer only")
+
+
+class Regularizer(nn.Module):
+    """Computes the penalty and tracks the removed fraction of a gated model."""
+
+    def __init__(self, model: nn.Module, cfg: RegConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.layers = [m for m in model.modules() if isinstance(m, GatedLinear)]
+        self.blocks = self._collect_blocks(model)
+        self.dense = sum(lay.dense_params() for lay, _ in self.blocks)
+        self.lam = cfg.lam
+        self.target = cfg.sparsity
+
+    @staticmethod
+    def _collect_blocks(model: nn.Module) -> list[tuple[BlockLayout, dict[str, GatedLinear]]]:
+        spec = spec_for(model)
+        out = []
+        for block in blocks(model, spec):
+            gated = {}
+            bias = set()
+            for role in spec.roles:
+                m = block.get_submodule(spec.modules[role])
+                if isinstance(m, GatedLinear):
+                    gated[role] = m
+                base = m.base if isinstance(m, GatedLinear) else m
+                if getattr(base, "bias", None) is not None:
+                    bias.add(role)
+            out.append((BlockLayout.from_config(model.config, spec, frozenset(bias)), gated))
+        return out
+
+    # ---- counts -------------------------------------------------------------------------
+    def _open(self, gated: dict[str, GatedLinear], hard: bool) -> dict[str, torch.Tensor]:
+        out = {}
+        for role, m in gated.items():
+            g = m.gates().get(DELETABLE_SIDE[role])
+            if g is not None:
+                out[role] = (~g.closed()).float() if hard else g.open_prob()
+        return out
+
+    def kept_fraction(self, hard: bool = False) -> torch.Tensor:
+        """Fraction of the blocks' linear parameters kept (expected, or hard with `hard=True`)."""
+        total = 0.0
+        for lay, gated in self.blocks:
+            total = total + kept_params(keep(self._open(gated, hard), lay), lay)
+        return total / self.dense
+
+    @torch.no_grad()
+    def removed_fraction(self) -> float:
+        """What compression would delete from the blocks' linear layers right now."""
+        return 1.0 - float(self.kept_fraction(hard=True))
+
+    # ---- penalty ------------------------------------------------------------------------
+    def penalty(self) -> torch.Tensor:
+        keep_frac = 1.0 - self.cfg.sparsity
+        if self.cfg.kind == "stg":
+            probs = [g.open_prob() for m in self.layers for g in m.gates().values()]
+            return torch.cat(probs).mean()
+        if self.cfg.kind == "layer":
+            terms = []
+            for m in self.layers:
+                sides = [(g.open_prob().mean() - keep_frac).abs() for g in m.gates().values()]
+                terms.append(torch.stack(sides).mean())
+            return torch.stack(terms).mean()
+        expected_kept = self.kept_fraction()
+        if self.cfg.controller:
+            return expected_kept
+        return (expected_kept - keep_frac).abs()
+
+    def scheduled_target(self, step: int) -> float:
+        ramp = self.cfg.ramp_steps
+        if ramp <= 0:
+            return self.cfg.sparsity
+        t = min(1.0, max(0, step - self.cfg.start_step) / ramp)
+        return self.cfg.sparsity * (1.0 - (1.0 - t) ** 3)  # cubic, like gradual pruning
+
+    def forward(self, step: int) -> tuple[torch.Tensor, float]:
+        """(lambda * R, lambda) for this step; zero before `start_step`."""
+        if step < self.cfg.start_step or self.cfg.sparsity == 0.0:
+            return torch.zeros((), device=self.layers[0].base.weight.device), 0.0
+        if self.cfg.controller:
+            self._update_lambda(step)
+        return self.lam * self.penalty(), self.lam
+
+    def _update_lambda(self, step: int) -> None:
+        self.target = self.scheduled_target(step)
+        error = (self.target - self.removed_fraction()) / max(self.cfg.sparsity, 1e-6)
+        error = max(-1.0, min(1.0, error * 10.0))  # full speed once 10% of the target away
+        self.lam = min(self.cfg.lam_max, max(1e-6, self.lam * math.exp(self.cfg.controller_rate * error)))
+
+    def state(self) -> dict:
+        return {"lam": self.lam, "target": self.target}
+
+    def load_state(self, state: dict) -> None:
+        self.lam = float(state["lam"])
+        self.target = float(state["target"])
