@@ -49,13 +49,39 @@ def run_guarded(fn, *args, **kwargs):
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
 
+METHOD_OPTIONS_HELP = (
+    "Method option KEY=VALUE, repeatable (defaults shown). "
+    "lora: r=8 alpha=16 dropout=0.1 targets=q,v (roles or module names); "
+    "pst: rank=8 mask_rank=8 beta=1 alpha1=1 alpha2=1 start=0.1 end=0.7 (fractions of the steps); "
+    "gmp: start=0 end=0.7 freq=0 (0: 20 mask updates) scope=layer|global distill_weight=1; "
+    "magnitude: allocation=uniform|global; gates, full: distill_weight=1."
+)
+
+
+def _options(values: Optional[list[str]]) -> dict[str, str]:
+    """`--opt key=value` strings as a dict (values stay strings; the method converts them)."""
+    out: dict[str, str] = {}
+    for item in values or []:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            fail(f"--opt {item!r}: expected KEY=VALUE")
+        if key in out:
+            fail(f"--opt {key} given twice")
+        out[key] = value.strip()
+    return out
+
+
 def _split(value: Optional[str]) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip()) if value else ()
 
 
 @app.command()
 def train(
-    out: Path = typer.Option(..., "--out", help="Run directory to write (config, metrics, trained gates)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory to write (config, metrics, trained gates)."),
+    resume: Optional[Path] = typer.Option(
+        None, "--resume", help="Continue an interrupted run from its checkpoint (its config.json; other options ignored)."
+    ),
     task: Optional[str] = typer.Option(None, help="GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli."),
     data_dir: Optional[Path] = typer.Option(None, help="GLUE task folder holding train.tsv and dev.tsv."),
     model: Optional[str] = typer.Option(None, help="HF model folder or hub id. Default: the embedded MiniLM-L6."),
@@ -64,9 +90,21 @@ def train(
     text_columns: Optional[str] = typer.Option(None, help="Own data: text column(s), comma-separated (1 or 2)."),
     label_column: str = typer.Option("label", help="Own data: label column."),
     regression: bool = typer.Option(False, help="Own data: the label is a number (regression)."),
-    method: str = typer.Option("gates", help="Training method (gates, or a baseline)."),
-    recipe: str = typer.Option("fast", help="Gate recipe: fast (ours, default), paper (published code), stg."),
-    sparsity: float = typer.Option(0.4, help="Target fraction of transformer-layer parameters to remove, in [0, 1)."),
+    method: str = typer.Option(
+        "gates", help="Training method: gates (FineGates), or a baseline: full, bitfit, lora, pst, gmp, magnitude."
+    ),
+    opt: Optional[list[str]] = typer.Option(None, "--opt", metavar="KEY=VALUE", help=METHOD_OPTIONS_HELP),
+    distill: Optional[str] = typer.Option(
+        None, help="Feature distillation from the dense model (SquareHead): none or squarehead. "
+        "Default: squarehead for gmp, none otherwise (supported by gates, full, gmp)."
+    ),
+    recipe: Optional[str] = typer.Option(
+        None, help="Gate recipe: fast (ours), paper (published code), stg, paper-lm. "
+        "Default: fast; paper-lm with --objective lm."
+    ),
+    sparsity: Optional[float] = typer.Option(
+        None, help="Target fraction of transformer-layer parameters to remove, in [0, 1). Default: 0.4; 0.3 for lm."
+    ),
     epochs: float = typer.Option(3, help="Training epochs."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps."),
     batch_size: int = typer.Option(16, help="Training batch size."),
@@ -83,7 +121,17 @@ def train(
     evals_per_epoch: int = typer.Option(1, help="Evaluations per epoch."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     trace_every: int = typer.Option(0, help="Log gate internals to trace.jsonl every N steps (0: off)."),
+    checkpoint_every: int = typer.Option(0, help="Also checkpoint every N steps for --resume (0: at evaluations)."),
+    skip_nonfinite: bool = typer.Option(False, help="Skip (and count) batches with a NaN/inf loss or gradient."),
     progress: bool = typer.Option(True, help="Show progress bars."),
+    objective: str = typer.Option("classify", help="classify (GLUE / own data) or lm (decoders: causal-LM loss, perplexity)."),
+    text_files: Optional[str] = typer.Option(None, help="lm: training text files, comma-separated."),
+    eval_text_file: Optional[Path] = typer.Option(None, help="lm: text file to measure perplexity on."),
+    block_size: int = typer.Option(256, help="lm: tokens per training sequence."),
+    window: int = typer.Option(512, help="lm: perplexity window (tokens)."),
+    stride: int = typer.Option(256, help="lm: perplexity stride (tokens)."),
+    eval_tokens: Optional[int] = typer.Option(None, help="lm: evaluate on the first N tokens only."),
+    eval_dense: bool = typer.Option(True, help="lm: also measure the dense model's perplexity first."),
 ) -> None:
     """Gate-finetune a model on a GLUE task or your own data, to a sparsity target.
 
@@ -92,17 +140,55 @@ def train(
     _quiet_transformers()
     from .train import TrainConfig, train as run_train
 
+    if resume is not None:
+        from .checkpoint import config_from_run
+
+        _print_result(run_guarded(run_train, run_guarded(config_from_run, resume), resume=True))
+        return
+    if out is None:
+        fail("give --out RUN_DIR (or --resume RUN_DIR to continue an interrupted run)")
+    if objective == "lm":
+        if task or data_dir or train_file or eval_file:
+            fail("--objective lm takes --text-files and --eval-text-file, not --task/--data-dir/--train-file")
+        from .lm import LMConfig, train_lm
+
+        lm_cfg = run_guarded(
+            LMConfig, out=out, model=model or "smollm2", text_files=_split(text_files), eval_text_file=eval_text_file,
+            block_size=block_size, window=window, stride=stride, eval_tokens=eval_tokens, eval_dense=eval_dense,
+            method=method, recipe=recipe or "paper-lm", sparsity=0.3 if sparsity is None else sparsity,
+            epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, head_lr=head_lr, lam=lam,
+            reg_start_step=reg_start_step, regularizer=regularizer, train_bias=train_bias, seed=seed,
+            evals=max(1, round(evals_per_epoch * epochs)), device=device, trace_every=trace_every, progress=progress,
+            method_options=_options(opt), distill=distill,
+        )
+        _print_lm_result(run_guarded(train_lm, lm_cfg))
+        return
+    if objective != "classify":
+        fail(f"--objective must be classify or lm, got {objective!r}")
     cfg = run_guarded(
         TrainConfig, out=out, model=model, task=task, data_dir=data_dir, train_file=train_file,
         eval_file=eval_file, text_columns=_split(text_columns), label_column=label_column,
-        regression=regression, method=method, recipe=recipe, sparsity=sparsity, epochs=epochs,
+        regression=regression, method=method, recipe=recipe or "fast", sparsity=0.4 if sparsity is None else sparsity,
+        epochs=epochs,
         max_steps=max_steps, batch_size=batch_size, max_length=max_length, lr=lr, head_lr=head_lr,
         lam=lam, reg_start_step=reg_start_step, regularizer=regularizer, train_bias=train_bias, seed=seed,
         train_limit=train_limit, eval_limit=eval_limit, evals_per_epoch=evals_per_epoch, device=device,
-        trace_every=trace_every, progress=progress,
+        trace_every=trace_every, checkpoint_every=checkpoint_every, skip_nonfinite=skip_nonfinite,
+        progress=progress, method_options=_options(opt), distill=distill,
     )
     result = run_guarded(run_train, cfg)
     _print_result(result)
+
+
+def _print_lm_result(result: dict) -> None:
+    lines = [f"{result['method']} (lm): perplexity {result['perplexity']:.3f} "
+             f"(window {result['window']}, stride {result['stride']}, {result['dev']['tokens']} tokens)"]
+    if result.get("dense_perplexity") is not None:
+        lines.append(f"dense perplexity {result['dense_perplexity']:.3f}")
+    if "removable_fraction" in result:
+        lines.append(f"removable layer params {100 * result['removable_fraction']:.1f}%")
+    lines.append(f"trainable params {result['trainable_params']:,}, {result['seconds_per_step']:.3f} s/step")
+    typer.echo("\n".join(lines))
 
 
 def _print_result(result: dict) -> None:
@@ -119,6 +205,8 @@ def _print_result(result: dict) -> None:
         table.add_row("gate params (paper count)", f"{result['gate_params']:,}")
         table.add_row("gated off (paper count)", f"{100 * result['gated_off_fraction']:.1f}%")
         table.add_row("removable layer params", f"{100 * result['removable_fraction']:.1f}%")
+    if "unstructured_sparsity" in result:
+        table.add_row("zero weights (unstructured)", f"{100 * result['unstructured_sparsity']:.1f}%")
     table.add_row("seconds / step", f"{result['seconds_per_step']:.3f}")
     Console().print(table)
 
@@ -126,21 +214,163 @@ def _print_result(result: dict) -> None:
 @app.command()
 def info(path: Path = typer.Argument(..., help="A run directory or a model folder.")) -> None:
     """Say what a run directory or a model folder contains."""
-    if (path / "config.json").is_file() and (path / "trainable.safetensors").exists():
-        cfg = json.loads((path / "config.json").read_text())
-        metrics = path / "metrics.json"
+    from .checkpoint import is_run_dir, read_run_config, run_status
+
+    if is_run_dir(path):
+        cfg = run_guarded(read_run_config, path)
         typer.echo(f"run directory: {cfg['train']['method']} on {cfg['task']} from {cfg['model_location']}")
-        if metrics.is_file():
-            m = json.loads(metrics.read_text())
+        complete, status = run_guarded(run_status, path)
+        typer.echo(status)
+        if complete:
+            m = json.loads((path / "metrics.json").read_text())
             typer.echo(json.dumps({k: v for k, v in m.items() if k != "open_fractions"}, indent=2))
-        else:
-            typer.echo("incomplete: no metrics.json (training did not finish)")
         return
     _quiet_transformers()
     from .models import load_config
 
     config = run_guarded(load_config, str(path))
     typer.echo(json.dumps(config.to_dict(), indent=2, default=str))
+
+
+@app.command()
+def compress(
+    run_dir: Path = typer.Argument(..., help="A gates run directory (config.json + trainable.safetensors)."),
+    out: Path = typer.Option(..., "--out", help="Folder to write the compressed model to."),
+    examples: int = typer.Option(64, help="Eval examples on which gated and compressed logits are compared."),
+) -> None:
+    """Bake the trained gates and delete every closed row/column: a smaller model, same outputs.
+
+    Example: finegates compress runs/mrpc --out models/mrpc-small
+    """
+    _quiet_transformers()
+    from .compress import compress_run
+
+    report = run_guarded(compress_run, run_dir, out, examples)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"compressed {run_dir} -> {out}")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("params dense -> compressed", f"{report['params_dense']:,} -> {report['params_compressed']:,}")
+    table.add_row("removed, whole model", f"{100 * report['removed_fraction']:.1f}%")
+    table.add_row("removed, transformer layers", f"{100 * report['layer_params_removed_fraction']:.1f}%")
+    table.add_row(f"max |logit diff| ({report['n_examples']} eval examples)", f"{report['max_abs_diff']:.2e}")
+    table.add_row("prediction agreement", f"{100 * report['prediction_agreement']:.1f}%")
+    Console().print(table)
+
+
+@app.command()
+def export(
+    model_dir: Path = typer.Argument(..., help="A compressed model folder (or a dense HF folder)."),
+    onnx: Path = typer.Option(..., "--onnx", help="ONNX file to write (dynamic batch and sequence axes)."),
+) -> None:
+    """Export a model to ONNX and check it against PyTorch with ONNX Runtime.
+
+    Example: finegates export models/mrpc-small --onnx models/mrpc-small.onnx
+    """
+    _quiet_transformers()
+    from .bench import load_any, make_inputs
+    from .export import export_onnx, onnx_max_abs_diff
+
+    model, _ = run_guarded(load_any, model_dir)
+    path = run_guarded(export_onnx, model, onnx)
+    checks = [make_inputs(model, 2, 16, seed=1), make_inputs(model, 3, 37, seed=2)]
+    checks[1]["attention_mask"][0, 20:] = 0
+    diff = onnx_max_abs_diff(model, path, checks)
+    typer.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB); max |logit diff| PyTorch vs ONNX Runtime: {diff:.2e}")
+
+
+@app.command()
+def bench(
+    model_dir: Path = typer.Argument(..., help="A compressed model folder."),
+    against: Optional[Path] = typer.Option(None, help="Dense reference: run dir or HF folder. Default: the run it came from."),
+    threads: int = typer.Option(2, help="CPU threads."),
+    batch: int = typer.Option(8, help="Batch size."),
+    seq: int = typer.Option(128, help="Sequence length (tokens)."),
+    runs: int = typer.Option(30, help="Timed forward passes per model."),
+    warmup: int = typer.Option(5, help="Untimed warm-up passes per model."),
+    onnx: bool = typer.Option(False, "--onnx", help="Also export and time ONNX Runtime."),
+    memory: bool = typer.Option(True, help="Measure peak memory (subprocesses)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full result as JSON here."),
+) -> None:
+    """CPU latency (median, p90), peak memory and parameter counts: compressed vs dense.
+
+    Example: finegates bench models/mrpc-small --threads 2 --batch 8 --seq 128 --onnx --json bench.json
+    """
+    _quiet_transformers()
+    from .bench import BenchConfig, bench as run_bench, print_table
+    from .files import write_json
+
+    cfg = run_guarded(BenchConfig, threads=threads, batch=batch, seq=seq, runs=runs, warmup=warmup, onnx=onnx,
+                      memory=memory)
+    result = run_guarded(run_bench, model_dir, against, cfg)
+    print_table(result)
+    if json_out:
+        write_json(json_out, result)
+
+
+@app.command("eval")
+def eval_(
+    path: str = typer.Argument(..., help="An lm run directory, a compressed model folder, a decoder folder, or smollm2."),
+    objective: str = typer.Option("lm", help="lm (perplexity). Classification runs hold their dev scores in metrics.json."),
+    text_file: Path = typer.Option(..., help="Text file to measure perplexity on (e.g. wiki.test.raw)."),
+    window: int = typer.Option(512, help="Tokens per evaluation window."),
+    stride: int = typer.Option(256, help="Tokens between window starts (each token is scored once)."),
+    eval_tokens: Optional[int] = typer.Option(None, help="Evaluate on the first N tokens only."),
+    batch_size: int = typer.Option(8, help="Windows per forward pass."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    out: Optional[Path] = typer.Option(None, help="Also write the result to this JSON file."),
+) -> None:
+    """Perplexity of a dense, gated or compressed decoder, by one code path (sliding window).
+
+    Example: finegates eval smollm2 --text-file wikitext-2-raw/wiki.test.raw --window 512 --stride 256
+    """
+    _quiet_transformers()
+    if objective != "lm":
+        fail("finegates eval measures --objective lm; classification runs report dev scores in metrics.json")
+    from .files import write_json
+    from .lm import evaluate_path
+
+    result = run_guarded(evaluate_path, path, text_file, window, stride, eval_tokens, batch_size, device)
+    if out is not None:
+        write_json(out, result)
+    typer.echo(json.dumps(result, indent=2))
+
+
+models_app = typer.Typer(no_args_is_help=True, help="Models that ship inside PyPI packages (GGUF): prepare them once.")
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("prepare")
+def models_prepare(
+    name: str = typer.Argument(..., help="Packaged model to convert: smollm2."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Cache root. Default: $FINEGATES_CACHE or ~/.cache/finegates."),
+    force: bool = typer.Option(False, help="Convert again even if a prepared folder exists."),
+) -> None:
+    """Convert a packaged GGUF model to a float safetensors folder (once); print its path.
+
+    Example: finegates models prepare smollm2   (then: finegates train --model smollm2 ...)
+    """
+    _quiet_transformers()
+    from .prepare import PrepareError, prepare
+
+    try:
+        folder = prepare(name, cache_dir, force=force, log=lambda m: typer.echo(m, err=True))
+    except PrepareError as e:
+        fail(str(e))
+    typer.echo(str(folder))
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Packaged models finegates can prepare, and whether they are prepared."""
+    from .prepare import PACKAGED, cache_root, is_complete
+
+    for spec in PACKAGED.values():
+        folder = cache_root() / spec.name
+        state = f"prepared: {folder}" if is_complete(folder) else f"not prepared (needs: {spec.install_hint})"
+        typer.echo(f"{spec.name}: {spec.description}; {state}")
 
 
 def main() -> None:  # pragma: no cover

@@ -15,6 +15,10 @@ import torch
 from safetensors.torch import save_file
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def atomic_write(path: Path, write: Callable[[str], None]) -> Path:
     """Call `write(tmp_path)`, then rename the temporary file to `path`."""
     path = Path(path)
@@ -23,6 +27,7 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make every output private
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -47,6 +52,16 @@ def append_jsonl(path: Path, obj) -> None:
     """Append one JSON line (a log: a torn last line is skipped by `read_jsonl`)."""
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(obj, default=_json_default) + "\n")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    """Rewrite a log atomically (resume truncates logs to the checkpoint's step this way)."""
+    return write_text(path, "".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
+
+
+def save_torch(path: Path, obj) -> Path:
+    """`torch.save` atomically: a checkpoint is either the old one or the new one, never torn."""
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def read_jsonl(path: Path) -> list[dict]:

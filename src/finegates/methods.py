@@ -7,13 +7,15 @@ run directory and is measured by the same code.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
-from .model import apply_gates, count_gate_params, gate_parameters, head_parameters, open_fractions, gated_off_fraction
+from .model import (
+    apply_gates, count_gate_params, gate_parameters, gate_state_dict, gated_off_fraction, head_parameters, open_fractions,
+)
 from .recipes import Recipe, get_recipe
 from .regularizer import Regularizer
 
@@ -51,6 +53,23 @@ class Method:
     def load_state(self, state: dict) -> None:
         pass
 
+    def config(self) -> dict | None:
+        """config.json's `method_config`: what rebuilding the trained model needs (the recipe for gates)."""
+        recipe = getattr(self, "recipe", None)
+        return asdict(recipe) if is_dataclass(recipe) else recipe
+
+    def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The tensors trainable.safetensors holds: every trainable tensor (gates, head, biases)."""
+        return gate_state_dict(model)
+
+    def finish(self, model: nn.Module) -> None:
+        """After the last step and evaluation: release helpers, merge adapters into the weights."""
+
+
+@dataclass
+class GatesOptions:
+    distill_weight: float = field(default=1.0, metadata={"help": "Weight of the SquareHead loss (with --distill squarehead)."})
+
 
 class GatesMethod(Method):
     """FineGates: frozen weights, trainable row/column gates (+ head, + biases per recipe)."""
@@ -61,9 +80,10 @@ class GatesMethod(Method):
         self.reg: Regularizer | None = None
         self.recipe: Recipe | None = None
         self._last: dict = {}
+        self.distiller = None  # SquareHead from the dense model (--distill squarehead)
 
     def resolve_recipe(self, cfg: "TrainConfig", total_steps: int) -> Recipe:
-        r = get_recipe(cfg.recipe)
+        r = get_recipe(cfg.recipe, cfg.recipe_options)
         reg = replace(
             r.reg,
             sparsity=cfg.sparsity,
@@ -72,7 +92,7 @@ class GatesMethod(Method):
             ramp_steps=r.reg.ramp_steps or int(r.ramp_fraction * total_steps),
         )
         if cfg.regularizer is not None:
-            reg = replace(reg, kind=cfg.regularizer, controller=cfg.regularizer == "budget" and reg.controller)
+            reg = replace(reg, kind=cfg.regularizer, schedule=reg.schedule if cfg.regularizer == "budget" else "none")
         gate = r.gate
         if cfg.train_bias is not None:
             gate = replace(gate, train_bias=cfg.train_bias)
@@ -87,7 +107,12 @@ class GatesMethod(Method):
         )
 
     def prepare(self, model, cfg, total_steps):
+        from .baselines.base import parse_options
+        from .distill import make_distiller
+
+        opts = parse_options(GatesOptions, cfg.method_options, self.name)
         self.recipe = self.resolve_recipe(cfg, total_steps)
+        self.distiller = make_distiller(cfg.distill or "none", model, opts.distill_weight)  # before gating: dense teacher
         apply_gates(model, self.recipe.gate)
         self.reg = Regularizer(model, self.recipe.reg)
         gate_ids = {id(p) for p in gate_parameters(model)}
@@ -105,10 +130,19 @@ class GatesMethod(Method):
     def extra_loss(self, model, step, batch, outputs):
         penalty, lam = self.reg(step)
         self._last = {"lambda": lam, "target": self.reg.target}
+        if self.distiller is not None:
+            feat = self.distiller.loss(batch)
+            self._last["distill"] = float(feat.detach())
+            penalty = penalty + feat
         return penalty, self._last
 
+    def finish(self, model) -> None:
+        if self.distiller is not None:
+            self.distiller.remove()
+            self.distiller = None
+
     def progress(self) -> dict:
-        return {"removed": f"{self.reg.removed_fraction():.2f}", "lam": f"{self.reg.lam:.2g}"}
+        return {"removed": f"{self.reg.removed_fraction():.2f}", "target": f"{self.reg.target:.2f}"}
 
     def summary(self, model) -> dict:
         return {
@@ -132,6 +166,8 @@ METHODS: dict[str, type[Method]] = {"gates": GatesMethod}
 
 
 def get_method(name: str) -> Method:
+    import finegates.baselines  # noqa: F401 - registers the baselines (imported here: no import cycle)
+
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}: choose one of {', '.join(METHODS)}")
     return METHODS[name]()

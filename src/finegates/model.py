@@ -41,6 +41,9 @@ class GateConfig:
     train_bias: bool = field(
         default=False, metadata={"help": "Also train the biases of gated layers (paper code option)."}
     )
+    train_norm: bool = field(
+        default=False, metadata={"help": "Also train the LayerNorm/RMSNorm parameters inside the blocks (ours)."}
+    )
     train_head: bool = field(default=True, metadata={"help": "Train the task head (classifier)."})
 
     def __post_init__(self) -> None:
@@ -101,6 +104,9 @@ def apply_gates(model: nn.Module, cfg: GateConfig | None = None) -> nn.Module:
         _set_submodule(block, path, gated)
         if cfg.train_bias and base.bias is not None:
             base.bias.requires_grad_(True)
+    if cfg.train_norm:
+        for p in norm_parameters(model, spec):
+            p.requires_grad_(True)
     if cfg.train_head:
         for p in head_parameters(model, spec):
             p.requires_grad_(True)
@@ -118,6 +124,17 @@ def head_parameters(model: nn.Module, spec: ArchSpec | None = None) -> list[nn.P
         except AttributeError:
             continue  # e.g. a base model without a classifier
     return params
+
+
+def norm_parameters(model: nn.Module, spec: ArchSpec | None = None) -> list[nn.Parameter]:
+    """Parameters of the normalisation layers inside the blocks (LayerNorm, RMSNorm)."""
+    spec = spec or spec_for(model)
+    return [
+        p
+        for m in blocks(model, spec).modules()
+        if isinstance(m, nn.LayerNorm) or type(m).__name__.endswith("RMSNorm")
+        for p in m.parameters(recurse=False)
+    ]
 
 
 def gated_layers(model: nn.Module) -> list[GatedLinear]:

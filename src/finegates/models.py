@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from .arch import UnsupportedModelError, spec_for_model_type
+from .prepare import is_packaged, prepare
 
 DEFAULT_MODEL = "minilm"
 
@@ -31,6 +34,8 @@ def resolve(model: str | os.PathLike | None) -> str:
     if model is None or str(model) == DEFAULT_MODEL:
         return str(default_model_path())
     path = Path(model)
+    if not path.exists() and is_packaged(str(model)):  # e.g. 'smollm2': converted once, then cached
+        return str(prepare(str(model), log=_log))
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelError(f"{path}: not a Hugging Face model folder (no config.json)")
@@ -40,11 +45,33 @@ def resolve(model: str | os.PathLike | None) -> str:
     return str(model)  # a hub id: works when online
 
 
+def _log(message: str) -> None:
+    import sys
+
+    print(message, file=sys.stderr)
+
+
+def _first_line(e: BaseException) -> str:
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+
+
 def load_config(location: str):
+    local = Path(location) / "config.json"
+    if local.is_file():  # check the family first: transformers may fail on an unsupported one in odd ways
+        try:
+            model_type = json.loads(local.read_text(encoding="utf-8")).get("model_type")
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+            raise ModelError(f"{local}: not a valid model config ({_first_line(e)})") from None
+        if not model_type:
+            raise ModelError(f"{local}: no model_type (not a Hugging Face model config)")
+        try:
+            spec_for_model_type(model_type)
+        except UnsupportedModelError as e:
+            raise ModelError(f"{location}: {e}") from None
     try:
         config = AutoConfig.from_pretrained(location)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"cannot read a model config from {location}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds; the user gets one line
+        raise ModelError(f"cannot read a model config from {location}: {_first_line(e)}") from None
     try:
         spec_for_model_type(config.model_type)
     except UnsupportedModelError as e:
@@ -53,10 +80,27 @@ def load_config(location: str):
 
 
 def load_tokenizer(location: str):
-    tok = AutoTokenizer.from_pretrained(location)
+    try:
+        tok = AutoTokenizer.from_pretrained(location)
+    except Exception as e:  # noqa: BLE001 - missing or broken tokenizer files
+        raise ModelError(f"{location}: cannot load its tokenizer ({_first_line(e)})") from None
+    if len(tok) < 100:  # transformers builds an empty-vocabulary tokenizer when the files are missing
+        raise ModelError(f"{location}: no usable tokenizer (vocabulary of {len(tok)} tokens: tokenizer files missing?)")
     if tok.pad_token is None:  # decoders (Llama family) ship without one
         tok.pad_token = tok.eos_token
+    # Right padding: decoder classifiers pool the last non-pad token, and with right padding its
+    # causal hidden state never sees a pad; position ids stay 0..n-1 without extra bookkeeping.
+    tok.padding_side = "right"
     return tok
+
+
+def max_tokens(config, tokenizer) -> int | None:
+    """The longest input a model takes: its position table (RoPE families have none), capped by
+    the tokenizer's `model_max_length` (RoBERTa's table has 2 offset slots). None: no limit."""
+    limits = [] if spec_for_model_type(config.model_type).rope else [getattr(config, "max_position_embeddings", None)]
+    limits.append(getattr(tokenizer, "model_max_length", None))
+    limits = [n for n in limits if isinstance(n, int) and 0 < n < 10**6]
+    return min(limits) if limits else None
 
 
 def load_classifier(location: str, num_labels: int, regression: bool = False) -> nn.Module:
@@ -64,8 +108,16 @@ def load_classifier(location: str, num_labels: int, regression: bool = False) ->
     config = load_config(location)
     config.num_labels = num_labels
     config.problem_type = "regression" if regression else "single_label_classification"
-    model = AutoModelForSequenceClassification.from_pretrained(location, config=config)
-    if getattr(model.config, "pad_token_id", None) is None:
+    # fp32 master weights whatever the file stores (fp16 copies, GGUF): autocast handles bf16 on GPU
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(location, config=config, dtype=torch.float32)
+    except Exception as e:  # noqa: BLE001 - missing, truncated (SafetensorError) or mismatched weight files
+        raise ModelError(f"{location}: cannot load the model weights ({_first_line(e)})") from None
+    decoder = spec_for_model_type(config.model_type).decoder
+    if decoder or getattr(model.config, "pad_token_id", None) is None:
+        # Decoder classifiers (HF GenericForSequenceClassification) pool the rightmost token that
+        # is not config.pad_token_id: it must be the id the tokenizer pads with, whatever the
+        # checkpoint's config says.
         tok = load_tokenizer(location)
         model.config.pad_token_id = tok.pad_token_id
     return model

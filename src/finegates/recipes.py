@@ -3,10 +3,10 @@
 `paper` is the authors' published implementation (METHOD.md section 1), kept as the reference.
 `stg` is the original stochastic-gates parameterisation (Yamada et al., 2020).
 `fast` is ours (docs/gate-training.md has the study behind it): gates start just below
-saturation so the task gradient reaches them from step 0, only deletable gates are penalised,
-weighted by the parameters they delete, and lambda is steered by the hard removed count along
-a cubic schedule, so the target is reached on time and the gates that close are the ones the
-task needs least.
+saturation so the task gradient reaches them from step 0; only deletable units are penalised, and
+only the lowest-ranked ones up to a cubic schedule's parameter budget (regularizer.py, "topk"), so
+the target is reached on time, without overshoot, and the units that close are the ones the task
+gradient itself has been lowering. Biases of gated layers train too (BitFit-like capacity).
 """
 
 from __future__ import annotations
@@ -60,21 +60,47 @@ def _fast() -> Recipe:
             param=GateParam(mean_fn="identity", init_mean=0.45, init_std=0.0, noise_std=0.05, reg_sigma=0.5),
             train_bias=True,
         ),
-        reg=RegConfig(kind="budget", lam=0.01, controller=True, controller_rate=0.05),
+        reg=RegConfig(kind="budget", lam=1.0, schedule="topk"),
         gate_lr=1e-2,
         head_lr=1e-3,
         bias_lr=1e-3,
         ramp_fraction=0.6,
-        description="ours: identity mean just below saturation, budget penalty, lambda controller on the hard count",
+        description="ours: identity mean just below saturation, top-k budget penalty on a cubic schedule",
     )
 
 
-RECIPES = {"paper": _paper, "stg": _stg, "fast": _fast}
+def _paper_lm() -> Recipe:
+    """The paper's post-training mode for decoders (LM loss): paper gates, lr 1e-2, target 0.3.
+
+    Every linear layer of the blocks is gated (GateConfig's default roles); the LM loop
+    (lm.py) adds the cosine schedule. There is no task head.
+    """
+    base = _paper()
+    return replace(
+        base, name="paper-lm", reg=replace(base.reg, sparsity=0.3), gate_lr=1e-2,
+        description="published FineGates code, LM post-training mode: every block linear gated, lr 1e-2, "
+        "cosine schedule, target 0.3",
+    )
+
+
+RECIPES = {"paper": _paper, "stg": _stg, "fast": _fast, "paper-lm": _paper_lm}
 DEFAULT_RECIPE = "fast"
 
 
-def get_recipe(name: str, **overrides) -> Recipe:
+def get_recipe(name: str, options: dict | None = None) -> Recipe:
+    """A named recipe, with dotted-path overrides, e.g. {"gate.param.init_mean": 0.4, "reg.lam": 10}."""
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}: choose one of {', '.join(RECIPES)}")
     recipe = RECIPES[name]()
-    return replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
+    for path, value in (options or {}).items():
+        recipe = _replace_path(recipe, path.split("."), value)
+    return recipe
+
+
+def _replace_path(obj, path: list[str], value):
+    """`dataclasses.replace` along a dotted path of nested dataclasses."""
+    head, rest = path[0], path[1:]
+    if not hasattr(obj, head):
+        raise ValueError(f"recipe option {'.'.join(path)!r}: {type(obj).__name__} has no field {head!r}")
+    new = _replace_path(getattr(obj, head), rest, value) if rest else value
+    return replace(obj, **{head: new})

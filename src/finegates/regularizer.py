@@ -8,7 +8,14 @@ Kinds:
                    delete, from the coupling rules (so residual-side gates, which delete nothing,
                    are not pushed), pulled to the target globally: layers may differ.
 
-With `controller=True` (ours) the penalty is `lambda_t * E[kept fraction]` and lambda_t is
+With `schedule="topk"` (ours, the default recipe) the penalty is the mean keep probability of the
+*selected* units only: at each step the deletable units (MLP units, V/O dims, Q/K dims) are ranked
+by their current gate values and the lowest-ranked ones, up to the scheduled target's parameter
+cost, are pushed closed; the others feel no penalty and may reopen. Closed units rank lowest and
+stay selected, so the hard removed count follows the cubic schedule without overshoot, and the
+units that close are the ones the task gradient itself has been lowering (movement-pruning-like).
+
+With `schedule="controller"` (tried, overshoots; kept for the study) the penalty is `lambda_t * E[kept fraction]` and lambda_t is
 adapted every step from the *hard* removed fraction (what compression would delete now) against
 a target that ramps to `sparsity` over `ramp_steps`: lambda grows while the model lags the
 schedule and shrinks once it is ahead. It is the importance threshold below which gates close,
@@ -36,7 +43,7 @@ class RegConfig:
     sparsity: float = field(default=0.4, metadata={"help": "Target fraction of parameters removed, in [0, 1)."})
     lam: float = field(default=50.0, metadata={"help": "Penalty weight (initial value with the controller)."})
     start_step: int = field(default=0, metadata={"help": "Step from which the penalty applies."})
-    controller: bool = field(default=False, metadata={"help": "Adapt lambda from the hard removed count."})
+    schedule: str = field(default="none", metadata={"help": "none, topk (ours), or controller (budget only)."})
     ramp_steps: int = field(default=0, metadata={"help": "Steps over which the controller's target ramps to `sparsity`."})
     controller_rate: float = field(default=0.05, metadata={"help": "log-lambda step per update at full error."})
     lam_max: float = field(default=1e4, metadata={"help": "Upper bound on the controlled lambda."})
@@ -48,8 +55,14 @@ class RegConfig:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
         if self.lam < 0:
             raise ValueError(f"lambda must be >= 0, got {self.lam}")
-        if self.controller and self.kind != "budget":
-            raise ValueError("the lambda controller works on the 'budget' regularizer only")
+        if self.schedule not in ("none", "topk", "controller"):
+            raise ValueError(f"schedule must be none, topk or controller, got {self.schedule!r}")
+        if self.schedule != "none" and self.kind != "budget":
+            raise ValueError(f"schedule {self.schedule!r} works on the 'budget' regularizer only")
+
+    @property
+    def controller(self) -> bool:
+        return self.schedule == "controller"
 
 
 class Regularizer(nn.Module):
@@ -114,10 +127,39 @@ class Regularizer(nn.Module):
                 sides = [(g.open_prob().mean() - keep_frac).abs() for g in m.gates().values()]
                 terms.append(torch.stack(sides).mean())
             return torch.stack(terms).mean()
+        if self.cfg.schedule == "topk":
+            return self._topk_penalty()
         expected_kept = self.kept_fraction()
         if self.cfg.controller:
             return expected_kept
         return (expected_kept - keep_frac).abs()
+
+    def _topk_penalty(self) -> torch.Tensor:
+        """Mean keep probability of the lowest-ranked units covering the scheduled target."""
+        soft, score, cost = [], [], []
+        for lay, gated in self.blocks:
+            p = keep(self._open(gated, hard=False), lay)
+            with torch.no_grad():
+                v = keep(self._values(gated), lay)
+            d, share = lay.hidden, lay.hidden / lay.group
+            for name, c in (("mlp", d * (3 if lay.swiglu else 2)), ("vo", d + share), ("qk", d + share)):
+                soft.append(p[name].flatten())
+                score.append(v[name].flatten())
+                cost.append(torch.full_like(v[name].flatten(), c))
+        soft, score, cost = torch.cat(soft), torch.cat(score), torch.cat(cost)
+        order = torch.argsort(score)
+        cum = torch.cumsum(cost[order], 0)
+        k = int(torch.searchsorted(cum, self.target * cum[-1])) + 1
+        chosen = order[:k]
+        return (soft[chosen] * cost[chosen]).sum() / cost[chosen].sum()
+
+    def _values(self, gated: dict[str, GatedLinear]) -> dict[str, torch.Tensor]:
+        out = {}
+        for role, m in gated.items():
+            g = m.gates().get(DELETABLE_SIDE[role])
+            if g is not None:
+                out[role] = g.values()
+        return out
 
     def scheduled_target(self, step: int) -> float:
         ramp = self.cfg.ramp_steps
@@ -130,12 +172,13 @@ class Regularizer(nn.Module):
         """(lambda * R, lambda) for this step; zero before `start_step`."""
         if step < self.cfg.start_step or self.cfg.sparsity == 0.0:
             return torch.zeros((), device=self.layers[0].base.weight.device), 0.0
+        if self.cfg.schedule != "none":
+            self.target = self.scheduled_target(step)
         if self.cfg.controller:
             self._update_lambda(step)
         return self.lam * self.penalty(), self.lam
 
     def _update_lambda(self, step: int) -> None:
-        self.target = self.scheduled_target(step)
         error = (self.target - self.removed_fraction()) / max(self.cfg.sparsity, 1e-6)
         error = max(-1.0, min(1.0, error * 10.0))  # full speed once 10% of the target away
         self.lam = min(self.cfg.lam_max, max(1e-6, self.lam * math.exp(self.cfg.controller_rate * error)))

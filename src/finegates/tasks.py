@@ -12,6 +12,7 @@ import gzip
 import io
 import json
 import math
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,18 +88,45 @@ def _open_text(path: Path) -> io.TextIOBase:
         if found is None:
             raise DataError(f"data file not found: {path}")
         path = found
-    raw = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                raw = f.read()
+        else:
+            raw = path.read_bytes()
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start:e.start + 1]!r} at offset {e.start})") from None
     return io.StringIO(text, newline="")
 
 
 def read_rows(path: Path, delimiter: str, quoting: int) -> list[list[str]]:
     """All non-empty rows of a delimited file."""
+    return [row for _, row in read_numbered_rows(path, delimiter, quoting)]
+
+
+def read_numbered_rows(path: Path, delimiter: str, quoting: int) -> list[tuple[int, list[str]]]:
+    """(line number, row) of every non-empty row. With CSV quoting on, quoting must be well formed:
+    an unclosed quote would otherwise swallow every following line into one field."""
+    rows, start = [], 1  # a row's number is the line it starts on (quoted fields may span lines)
     with _open_text(path) as f:
-        return [r for r in csv.reader(f, delimiter=delimiter, quoting=quoting) if any(c.strip() for c in r)]
+        reader = csv.reader(f, delimiter=delimiter, quoting=quoting, strict=quoting != csv.QUOTE_NONE)
+        try:
+            for row in reader:
+                if any(c.strip() for c in row):
+                    rows.append((start, row))
+                start = reader.line_num + 1
+        except csv.Error as e:
+            why = "a quote opened on this line is never closed" if "end of data" in str(e) else str(e)
+            raise DataError(
+                f"{path}:{start}: malformed {'TSV' if delimiter == chr(9) else 'CSV'} ({why}); "
+                "fields holding the delimiter, quotes or line breaks must be quoted, with inner quotes doubled"
+            ) from None
+    return rows
 
 
 def _column_index(header: list[str] | None, col: str | int, path: Path) -> int:
@@ -125,9 +153,9 @@ def _label(value: str, labels: tuple[str, ...] | None, path: Path, line: int) ->
 
 
 def _examples_from_rows(
-    rows: list[list[str]], path: Path, header: bool, text_cols, label_col, labels
+    rows: list[tuple[int, list[str]]], path: Path, header: bool, text_cols, label_col, labels
 ) -> list[Example]:
-    head = [h.strip() for h in rows[0]] if header and rows else None
+    head = [h.strip() for h in rows[0][1]] if header and rows else None
     body = rows[1:] if header else rows
     if not body:
         raise DataError(f"{path}: no examples")
@@ -135,7 +163,7 @@ def _examples_from_rows(
     lab = _column_index(head, label_col, path)
     need = max(idx + [lab])
     out = []
-    for n, row in enumerate(body, start=2 if header else 1):
+    for n, row in body:
         if len(row) <= need:
             raise DataError(f"{path}:{n}: row has {len(row)} fields, needs at least {need + 1}")
         out.append(Example(tuple(row[i] for i in idx), _label(row[lab].strip(), labels, path, n)))
@@ -144,16 +172,25 @@ def _examples_from_rows(
 
 def read_glue_split(spec: TaskSpec, data_dir: Path, file_name: str) -> list[Example]:
     path = Path(data_dir) / file_name
-    rows = read_rows(path, "\t", csv.QUOTE_NONE)
+    rows = read_numbered_rows(path, "\t", csv.QUOTE_NONE)
     return _examples_from_rows(rows, path, spec.header, spec.text_columns, spec.label_column, spec.labels)
 
 
 # ---- the user's own data ------------------------------------------------------------------
-def _records(path: Path) -> tuple[list[str], list[dict]]:
-    """Header and records of a CSV, TSV or JSONL file."""
+def _json_field(value, path: Path, line: int, key: str) -> str:
+    """A JSONL value as text: 1 and 1.0 are the same label; lists and objects are refused."""
+    if isinstance(value, (dict, list)):
+        raise DataError(f"{path}:{line}: field {key!r} is a JSON {type(value).__name__}, expected text or a number")
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return "" if value is None else str(value)
+
+
+def _records(path: Path) -> tuple[list[str], list[dict], list[int]]:
+    """Header, records and their line numbers of a CSV, TSV or JSONL file."""
     suffix = path.name.removesuffix(".gz").rsplit(".", 1)[-1].lower()
     if suffix == "jsonl":
-        records = []
+        records, lines = [], []
         with _open_text(path) as f:
             for n, line in enumerate(f, start=1):
                 if not line.strip():
@@ -164,23 +201,27 @@ def _records(path: Path) -> tuple[list[str], list[dict]]:
                     raise DataError(f"{path}:{n}: invalid JSON ({e.msg})") from None
                 if not isinstance(obj, dict):
                     raise DataError(f"{path}:{n}: each JSONL line must be an object")
-                records.append({k: "" if v is None else str(v) for k, v in obj.items()})
+                records.append({k: _json_field(v, path, n, k) for k, v in obj.items()})
+                lines.append(n)
         if not records:
             raise DataError(f"{path}: no examples")
-        return list(records[0]), records
+        return list(records[0]), records, lines
     if suffix not in ("csv", "tsv"):
         raise DataError(f"{path}: unsupported file type .{suffix} (use .csv, .tsv or .jsonl)")
     delimiter = "\t" if suffix == "tsv" else ","
-    rows = read_rows(path, delimiter, csv.QUOTE_MINIMAL)
+    rows = read_numbered_rows(path, delimiter, csv.QUOTE_MINIMAL)
     if len(rows) < 2:
         raise DataError(f"{path}: no examples (a header line and at least one row are needed)")
-    header = [h.strip() for h in rows[0]]
+    header = [h.strip() for h in rows[0][1]]
+    dupes = sorted({h for h in header if header.count(h) > 1})
+    if dupes:
+        raise DataError(f"{path}:1: duplicate column name(s) {', '.join(map(repr, dupes))} in the header")
     records = []
-    for n, row in enumerate(rows[1:], start=2):
+    for n, row in rows[1:]:
         if len(row) != len(header):
-            raise DataError(f"{path}:{n}: row has {len(row)} fields, header has {len(header)}")
+            raise DataError(f"{path}:{n}: row has {len(row)} fields, the header has {len(header)}")
         records.append(dict(zip(header, row)))
-    return header, records
+    return header, records, [n for n, _ in rows[1:]]
 
 
 @dataclass
@@ -194,12 +235,18 @@ class UserData:
     regression: bool = False
 
     def load(self) -> tuple[TaskSpec, list[Example], dict[str, list[Example]]]:
-        train_h, train_r = _records(Path(self.train_file))
-        eval_h, eval_r = _records(Path(self.eval_file))
-        for path, header in ((self.train_file, train_h), (self.eval_file, eval_h)):
-            for col in (*self.text_columns, self.label_column):
+        train_h, train_r, train_n = _records(Path(self.train_file))
+        eval_h, eval_r, eval_n = _records(Path(self.eval_file))
+        columns = (*self.text_columns, self.label_column)
+        for path, header, records, lines in ((self.train_file, train_h, train_r, train_n),
+                                             (self.eval_file, eval_h, eval_r, eval_n)):
+            for col in columns:
                 if col not in header:
                     raise DataError(f"{path}: no column {col!r} (columns: {', '.join(map(repr, header))})")
+            for r, n in zip(records, lines):  # JSONL lines may each have their own keys
+                missing = [c for c in columns if c not in r]
+                if missing:
+                    raise DataError(f"{path}:{n}: no field {missing[0]!r} on this line")
         labels = None
         if not self.regression:
             # int labels sort numerically, strings alphabetically: a stable label order
@@ -207,21 +254,35 @@ class UserData:
             labels = tuple(sorted(values, key=lambda v: (0, int(v), "") if v.lstrip("-").isdigit() else (1, 0, v)))
             if len(labels) < 2:
                 raise DataError(f"{self.train_file}: label column {self.label_column!r} has a single value {labels}")
+            _refuse_numeric_target(Path(self.train_file), self.label_column, labels)
         spec = TaskSpec(
             name="custom", dir_name="", text_columns=self.text_columns, label_column=self.label_column,
             labels=labels, metrics=("pearson", "spearman") if self.regression else _class_metrics(labels),
         )
 
-        def examples(path, records):
+        def examples(path, records, lines):
             return [
                 Example(
                     tuple(r[c] for c in self.text_columns),
                     _label(r[self.label_column].strip(), labels, Path(path), n),
                 )
-                for n, r in enumerate(records, start=2)
+                for r, n in zip(records, lines)
             ]
 
-        return spec, examples(self.train_file, train_r), {"": examples(self.eval_file, eval_r)}
+        return spec, examples(self.train_file, train_r, train_n), {"": examples(self.eval_file, eval_r, eval_n)}
+
+
+def _refuse_numeric_target(path: Path, column: str, labels: tuple[str, ...]) -> None:
+    """Many distinct fractional numbers as class labels: the user forgot --regression."""
+    try:
+        numbers = [float(v) for v in labels]
+    except ValueError:
+        return
+    if len(labels) > 10 and any(not x.is_integer() for x in numbers if math.isfinite(x)):
+        raise DataError(
+            f"{path}: label column {column!r} holds {len(labels)} distinct numbers (e.g. {labels[0]!r}): "
+            "pass --regression for a numeric target"
+        )
 
 
 def _class_metrics(labels: tuple[str, ...]) -> tuple[str, ...]:

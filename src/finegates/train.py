@@ -5,14 +5,21 @@ RUN_DIR/
   metrics.jsonl      one line per evaluation (epoch)
   trace.jsonl        every `trace_every` steps: loss, penalty, lambda, removed fraction, gate stats
   trainable.safetensors   every trained tensor (gates, head, trained biases): small
-  metrics.json       final metrics; written last, so its presence marks a complete run
+  checkpoint/state.pt     everything to resume bit-exactly (checkpoint.py); removed once complete
+  metrics.json       final metrics, "complete": true; written last, so its presence marks a complete run
+
+Every file is written atomically (files.py). A non-finite loss or gradient stops the run with
+the last good checkpoint kept (or, with `skip_nonfinite`, skips that batch and counts it).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import random
 import resource
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,10 +30,14 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics as M
-from .files import append_jsonl, save_tensors, write_json
+from .checkpoint import (
+    CHECKPOINT, FORMAT_VERSION, RunError, model_fingerprint, nonfinite, read_checkpoint, restore_checkpoint,
+    save_checkpoint, save_trainable, truncate_log,
+)
+from .files import append_jsonl, write_json
 from .methods import Method, get_method
-from .model import count_params, count_trainable, gate_state_dict
-from .models import load_classifier, load_tokenizer, resolve
+from .model import count_params, count_trainable
+from .models import load_classifier, load_config, load_tokenizer, max_tokens, resolve
 from .tasks import DataError, Example, TaskSpec, UserData, load_glue
 
 
@@ -69,15 +80,37 @@ class TrainConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "Gradient-norm clip (0: off)."})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda."})
     trace_every: int = field(default=0, metadata={"help": "Log training internals every N steps (0: off)."})
+    checkpoint_every: int = field(default=0, metadata={"help": "Also checkpoint every N steps (0: at evaluations only)."})
+    skip_nonfinite: bool = field(default=False, metadata={"help": "Skip batches with a NaN/inf loss or gradient."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
-    method_options: dict = field(default_factory=dict, metadata={"help": "Method-specific options."})
+    method_options: dict = field(default_factory=dict, metadata={"help": "Method-specific options (--opt key=value)."})
+    distill: str | None = field(default=None, metadata={
+        "help": "Feature distillation from the dense model: none or squarehead. Default: per method (gmp: squarehead)."})
+    recipe_options: dict = field(default_factory=dict, metadata={"help": "Dotted-path recipe overrides, e.g. {'reg.lam': 10}."})
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
         if not (0.0 <= self.sparsity < 1.0) or math.isnan(self.sparsity):
             raise ValueError(f"--sparsity must be in [0, 1), got {self.sparsity}")
-        if self.epochs <= 0 or self.batch_size <= 0 or self.max_length <= 0:
-            raise ValueError("--epochs, --batch-size and --max-length must be positive")
+        if not (0 < self.epochs < math.inf):
+            raise ValueError(f"--epochs must be positive and finite, got {self.epochs}")
+        for name in ("batch_size", "max_length"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("max_steps", "train_limit", "eval_limit"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+        for name in ("eval_batch_size", "evals_per_epoch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("trace_every", "checkpoint_every", "grad_clip"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.lam is not None and not (0 <= self.lam < math.inf):
+            raise ValueError(f"--lam must be >= 0 and finite, got {self.lam}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         for name in ("lr", "head_lr"):
             v = getattr(self, name)
             if v is not None and not (0 < v < 10):
@@ -91,6 +124,9 @@ class TrainConfig:
         if len(self.text_columns) > 2:
             raise ValueError("--text-columns takes one or two columns")
         self.text_columns = tuple(self.text_columns)
+        if self.distill is not None and self.distill not in ("none", "squarehead"):
+            raise ValueError(f"--distill must be none or squarehead, got {self.distill!r}")
+        self.method_options = dict(self.method_options)
 
 
 # ---- data ---------------------------------------------------------------------------------
@@ -183,16 +219,29 @@ def _versions() -> dict:
     return {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train, evaluate each epoch, write the run directory; return the final metrics."""
+MAX_NONFINITE_IN_A_ROW = 10  # with skip_nonfinite: more than this means the run has diverged
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict:
+    """Train, evaluate each epoch, write the run directory; return the final metrics.
+
+    `resume=True` goes on from RUN_DIR/checkpoint (checkpoint.py); on CPU the result is
+    bit-identical to an uninterrupted run. Without a checkpoint it starts from step 0.
+    """
+    if resume and (cfg.out / "metrics.json").is_file():
+        return json.loads((cfg.out / "metrics.json").read_text(encoding="utf-8"))  # already complete
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     spec, train_ex, eval_ex = load_task(cfg)
     location = resolve(cfg.model)
+    load_config(location)  # an unsupported model folder fails here, in one line, before the tokenizer
     tokenizer = load_tokenizer(location)
     model = load_classifier(location, spec.num_labels, spec.regression)
-    train_data = Encoded(train_ex, tokenizer, cfg.max_length, spec.regression)
-    evals = {k: Encoded(v, tokenizer, cfg.max_length, spec.regression) for k, v in eval_ex.items()}
+    fingerprint = model_fingerprint(model)
+    limit = max_tokens(model.config, tokenizer)  # longer inputs would overflow the position table
+    max_length = min(cfg.max_length, limit) if limit else cfg.max_length
+    train_data = Encoded(train_ex, tokenizer, max_length, spec.regression)
+    evals = {k: Encoded(v, tokenizer, max_length, spec.regression) for k, v in eval_ex.items()}
 
     steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
     total_steps = math.ceil(cfg.epochs * steps_per_epoch)
@@ -201,23 +250,33 @@ def train(cfg: TrainConfig) -> dict:
     method: Method = get_method(cfg.method)
     dense_params = count_params(model)
     groups = method.prepare(model, cfg, total_steps)
+    trainable_params = count_trainable(model)  # before `finish` (which may merge adapters away)
     model.to(device)
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
 
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    for stale in ("metrics.json", "metrics.jsonl", "trace.jsonl"):
-        (cfg.out / stale).unlink(missing_ok=True)
-    write_json(cfg.out / "config.json", {
+    ckpt = read_checkpoint(cfg.out) if resume else None
+    data_fp = _data_fingerprint(train_ex)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    loop = {"step": 0, "t_train": 0.0, "order": [], "history": [], "skipped": 0, "in_a_row": 0}
+    if ckpt is not None:
+        loop = restore_checkpoint(ckpt, cfg.out / CHECKPOINT, model=model, optimizer=optimizer, method=method,
+                                  generator=gen, fingerprint=fingerprint)
+        if loop.get("data") != data_fp:
+            raise RunError(f"{cfg.out / CHECKPOINT}: the training data changed since this checkpoint was written")
+    _start_run_dir(cfg, ckpt, {
+        "format_version": FORMAT_VERSION,
         "train": asdict(cfg), "model_location": location, "task": spec.name, "labels": spec.labels,
         "metrics": spec.metrics, "num_labels": spec.num_labels, "regression": spec.regression,
-        "method_config": _jsonable(getattr(method, "recipe", None)), "versions": _versions(),
+        "method_config": method.config(), "versions": _versions(),
+        "fingerprint": fingerprint,
     })
 
     eval_points = _eval_points(total_steps, steps_per_epoch, cfg.evals_per_epoch)
-    history: list[dict] = []
-    gen = torch.Generator().manual_seed(cfg.seed)
-    step, t_train, order = 0, 0.0, []
-    bar = tqdm(total=total_steps, desc=f"{cfg.method} {spec.name}", disable=not cfg.progress, dynamic_ncols=True)
+    step, t_train, order, history = loop["step"], loop["t_train"], list(loop["order"]), list(loop["history"])
+    skipped, in_a_row, last_ckpt = loop["skipped"], loop["in_a_row"], (step if ckpt is not None else None)
+    params = [p for g in groups for p in g["params"]]
+    bar = tqdm(total=total_steps, initial=step, desc=f"{cfg.method} {spec.name}", disable=not cfg.progress,
+               dynamic_ncols=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     while step < total_steps:
@@ -232,17 +291,24 @@ def train(cfg: TrainConfig) -> dict:
         task_loss = out.loss.float()
         extra, logs = method.extra_loss(model, step, batch, out)
         loss = task_loss if extra is None else task_loss + extra
-        if not torch.isfinite(loss):
-            bar.close()
-            raise TrainingError(
-                f"loss is {loss.item()} at step {step} (task loss {task_loss.item():.4g}); "
-                f"the last complete evaluation's state is in {cfg.out}"
-            )
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
-        optimizer.step()
+        bad = None if torch.isfinite(loss) else f"loss is {loss.item()} (task loss {task_loss.item():.4g})"
+        if bad is None:
+            loss.backward()  # a clip at inf measures the norm and scales by exactly 1
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            bad = None if torch.isfinite(norm) else f"gradient norm is {norm.item()}"
+        if bad is None:
+            optimizer.step()
+            in_a_row = 0
+        else:
+            skipped, in_a_row = skipped + 1, in_a_row + 1
+            optimizer.zero_grad(set_to_none=True)
+            if not cfg.skip_nonfinite or in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                bar.close()
+                why = (f"{bad} at step {step}, {in_a_row} non-finite batches in a row: training diverged"
+                       if cfg.skip_nonfinite else
+                       f"{bad} at step {step}: lower --lr, or pass --skip-nonfinite to skip such batches")
+                raise TrainingError(_stopped(cfg, why, last_ckpt))
         method.after_step(model, step)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -257,25 +323,74 @@ def train(cfg: TrainConfig) -> dict:
             record = {"step": step, "epoch": round(step / steps_per_epoch, 3), "dev": scores,
                       "score": M.main_score(scores, _metric_keys(spec, evals)), **method.progress()}
             history.append(record)
+            _check_finite(model, step, cfg, last_ckpt)
             append_jsonl(cfg.out / "metrics.jsonl", record)
-            save_tensors(cfg.out / "trainable.safetensors", gate_state_dict(model))
+            save_trainable(cfg.out / "trainable.safetensors", model, fingerprint, step,
+                           tensors=method.trainable_state(model))
             bar.write(f"step {step} epoch {record['epoch']}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
                       + "".join(f", {k} {v}" for k, v in method.progress().items()))
-        bar.set_postfix(loss=f"{task_loss.item():.3f}", **method.progress())
+        if step < total_steps and (step in eval_points or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
+            _check_finite(model, step, cfg, last_ckpt)
+            save_checkpoint(cfg.out, step=step, model=model, optimizer=optimizer, method=method, generator=gen,
+                            fingerprint=fingerprint, loop={"step": step, "t_train": t_train, "order": order,
+                                                           "history": history, "skipped": skipped,
+                                                           "in_a_row": in_a_row,
+                                                           "data": data_fp})
+            last_ckpt = step
+        if cfg.progress and step % 10 == 0:  # progress() may sync the GPU: not every step
+            bar.set_postfix(loss=f"{task_loss.item():.3f}", **method.progress())
     bar.close()
+    method.finish(model)
 
     final = history[-1]
     best = max(history, key=lambda r: r["score"])
     result = {
         "task": spec.name, "method": cfg.method, "seed": cfg.seed, "steps": step,
         "dev": final["dev"], "score": final["score"], "best": {"step": best["step"], "dev": best["dev"]},
-        "trainable_params": count_trainable(model), "total_params": dense_params,
+        "trainable_params": trainable_params, "total_params": dense_params,
         "train_seconds": t_train, "seconds_per_step": t_train / max(step, 1),
-        "peak_memory_mb": peak_memory_mb(device), "device": str(device),
-        "complete": True, **method.summary(model),
+        "peak_memory_mb": peak_memory_mb(device), "device": str(device), "skipped_nonfinite": skipped,
+        "resumed_from_step": ckpt["step"] if ckpt is not None else None,
+        **method.summary(model), "complete": True,
     }
     write_json(cfg.out / "metrics.json", result)
+    shutil.rmtree(cfg.out / CHECKPOINT.parent, ignore_errors=True)  # complete: the result is trainable.safetensors
     return result
+
+
+def _start_run_dir(cfg: TrainConfig, ckpt: dict | None, config: dict) -> None:
+    """A fresh run clears what an earlier run left there; a resumed one cuts its logs back to the
+    checkpoint's step, so no line is repeated."""
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    (cfg.out / "metrics.json").unlink(missing_ok=True)
+    for tmp in [*cfg.out.glob(".*.tmp"), *cfg.out.glob("checkpoint/.*.tmp")]:
+        tmp.unlink(missing_ok=True)  # half-written files of a killed run (files.atomic_write's temporaries)
+    if ckpt is not None:
+        for log in ("metrics.jsonl", "trace.jsonl"):
+            truncate_log(cfg.out / log, ckpt["step"])
+        return
+    for stale in ("metrics.jsonl", "trace.jsonl", "trainable.safetensors"):
+        (cfg.out / stale).unlink(missing_ok=True)
+    shutil.rmtree(cfg.out / CHECKPOINT.parent, ignore_errors=True)
+    write_json(cfg.out / "config.json", config)
+
+
+def _data_fingerprint(examples: list[Example]) -> str:
+    """A resumed run must see the same examples in the same order as the one that was cut off."""
+    return hashlib.sha256(repr([(e.texts, e.label) for e in examples]).encode()).hexdigest()[:16]
+
+
+def _stopped(cfg: TrainConfig, why: str, last_ckpt: int | None) -> str:
+    kept = (f"the last good checkpoint (step {last_ckpt}) is kept in {cfg.out / CHECKPOINT.parent}"
+            if last_ckpt is not None else "no checkpoint had been written yet")
+    return f"{why}; {kept}"
+
+
+def _check_finite(model, step: int, cfg: TrainConfig, last_ckpt: int | None) -> None:
+    """Never write NaN/inf tensors: stop, keeping the last good checkpoint."""
+    bad = nonfinite({n: p for n, p in model.named_parameters() if p.requires_grad})
+    if bad:
+        raise TrainingError(_stopped(cfg, f"trained tensor {bad[0]} is not finite at step {step}", last_ckpt))
 
 
 def _metric_keys(spec: TaskSpec, evals: dict) -> tuple[str, ...]:

@@ -1,0 +1,73 @@
+"""Run many small trainings concurrently (one process each), resumable, with a deadline.
+
+Used by the GPU benchmarks: a small model leaves a big GPU mostly idle, so N processes share it.
+A job whose RUN_DIR/metrics.json exists is skipped, so a killed or timed-out grid resumes.
+
+    python -m benchmarks.runner one '{"out": "...", "task": "mrpc", ...}'   # one TrainConfig as JSON
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def run_one(cfg_json: str) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    from finegates.train import TrainConfig, train
+
+    train(TrainConfig(**json.loads(cfg_json)))
+
+
+def run_grid(jobs: list[dict], parallel: int, deadline_s: float, log_dir: Path) -> dict:
+    """Run TrainConfig dicts, `parallel` at a time, longest first; stop starting new ones at the deadline."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    todo = [j for j in jobs if not (Path(j["out"]) / "metrics.json").exists()]
+    todo.sort(key=lambda j: -j.pop("_cost", 1))
+    start, running, done, failed = time.time(), [], 0, []
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path("src").resolve()), str(Path(".").resolve())])}
+    while todo or running:
+        while todo and len(running) < parallel and time.time() - start < deadline_s:
+            job = todo.pop(0)
+            name = Path(job["out"]).as_posix().replace("/", "_")
+            log = open(log_dir / f"{name}.log", "w")
+            proc = subprocess.Popen([sys.executable, "-m", "benchmarks.runner", "one", json.dumps(job)],
+                                    stdout=log, stderr=subprocess.STDOUT, env=env)
+            running.append((proc, job, log))
+        if time.time() - start > deadline_s:
+            for proc, job, log in running:
+                proc.kill()
+                failed.append({"out": job["out"], "error": "deadline"})
+            running = []
+            failed += [{"out": j["out"], "error": "not started"} for j in todo]
+            todo = []
+            break
+        for item in list(running):
+            proc, job, log = item
+            if proc.poll() is not None:
+                log.close()
+                running.remove(item)
+                if proc.returncode == 0:
+                    done += 1
+                else:
+                    failed.append({"out": job["out"], "error": f"exit {proc.returncode}"})
+                print(f"[{time.time() - start:6.0f}s] {'ok ' if proc.returncode == 0 else 'FAIL'} {job['out']}", flush=True)
+        time.sleep(0.5)
+    return {"done": done, "failed": failed, "seconds": time.time() - start}
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "one":
+        run_one(sys.argv[2])
+    else:
+        sys.exit("usage: python -m benchmarks.runner one JSON")

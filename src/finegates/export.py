@@ -1,0 +1,99 @@
+"""ONNX export of a (compressed or dense) classifier, checked against PyTorch with ONNX Runtime.
+
+    path = export_onnx(model, "model.onnx")          # inputs: the model's token inputs; output: logits
+    diff = onnx_max_abs_diff(model, path, batch)     # PyTorch vs ONNX Runtime on real inputs
+
+Batch and sequence axes are dynamic. `CompactAttention` exports as plain Gather/MatMul/SDPA ops,
+so a compressed model needs no custom operator.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .arch import spec_for
+from .files import atomic_write
+
+
+def input_names(model: nn.Module) -> list[str]:
+    """Token inputs the model takes: BERT also reads segment ids (sentence pairs)."""
+    names = ["input_ids", "attention_mask"]
+    if spec_for(model).family == "bert" and getattr(model.config, "type_vocab_size", 1) > 1:
+        names.append("token_type_ids")
+    return names
+
+
+class _Logits(nn.Module):
+    """Positional inputs in, logits out: the signature ONNX graphs want."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        if self.model.config.model_type in ("llama", "qwen2", "mistral"):
+            extra["use_cache"] = False
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
+
+
+def _example(names: list[str], batch: int = 2, seq: int = 16) -> tuple[torch.Tensor, ...]:
+    ids = torch.randint(3, 50, (batch, seq))
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[-1, seq // 2:] = 0  # trace the padded-mask path, not a mask-free shortcut
+    return tuple({"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}[n] for n in names)
+
+
+def export_onnx(model: nn.Module, path, opset: int = 18) -> Path:
+    """Write `model` as ONNX (dynamic batch and sequence axes), atomically."""
+    model = model.eval()
+    names = input_names(model)
+    wrapper = _Logits(model, names).eval()
+    example = _example(names)
+    batch, seq = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("seq", min=2, max=8192)
+    dynamic = tuple({0: batch, 1: seq} for _ in names)
+
+    def write(tmp: str) -> None:
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed"
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(wrapper, example, input_names=names, output_names=["logits"],
+                                        dynamic_shapes=dynamic, opset_version=opset, dynamo=True,
+                                        external_data=False, verbose=False)
+        program.save(tmp, external_data=False)
+
+    return atomic_write(Path(path), write)
+
+
+def ort_session(path, threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def ort_feed(session, batch: dict[str, torch.Tensor]) -> dict:
+    wanted = [i.name for i in session.get_inputs()]
+    return {n: batch[n].numpy() if n in batch else torch.zeros_like(batch["input_ids"]).numpy() for n in wanted}
+
+
+@torch.no_grad()
+def onnx_max_abs_diff(model: nn.Module, path, batches: list[dict[str, torch.Tensor]]) -> float:
+    """Largest |logit difference| between PyTorch and ONNX Runtime over `batches`."""
+    session = ort_session(path)
+    model.eval()
+    diff = 0.0
+    for b in batches:
+        ref = model(**b).logits.float()
+        out = torch.from_numpy(session.run(["logits"], ort_feed(session, b))[0])
+        diff = max(diff, float((ref - out).abs().max()))
+    return diff
