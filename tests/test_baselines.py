@@ -109,7 +109,7 @@ def test_exactly_the_right_tensors_train(tiny, method):
 
 
 def test_default_learning_rates(tiny):
-    expect = {"full": 2e-5, "bitfit": 1e-3, "lora": 5e-4, "pst": 1e-3, "gmp": 5e-5, "magnitude": 1e-3}
+    expect = {"full": 2e-5, "bitfit": 1e-3, "lora": 5e-4, "pst": 3e-5, "gmp": 5e-5, "magnitude": 1e-3}
     for method, lr in expect.items():
         m = get_method(method)
         groups = m.prepare(fresh_model(tiny), cfg_for(tiny, method), 10)
@@ -316,6 +316,16 @@ def test_magnitude_run_is_a_gated_run(tiny):
     load_trainable(model, run / "trainable.safetensors")
     reg = Regularizer(model, RegConfig(kind="budget", sparsity=0.5))
     assert abs(reg.removed_fraction() - result["removable_fraction"]) < 1e-9
+
+
+def test_magnitude_run_compresses_exactly(tiny, tmp_path):
+    """compress (written for gates runs) takes a magnitude run unchanged and removes what it claims."""
+    compress_run = pytest.importorskip("finegates.compress").compress_run
+    run = tmp_path / "mag"
+    result = train(cfg_for(tiny, "magnitude", out=run, max_steps=2, sparsity=0.4))
+    report = compress_run(run, tmp_path / "small", 16)
+    assert report["max_abs_diff"] < 1e-4 and report["prediction_agreement"] == 1.0
+    assert abs(report["layer_linear_removed_fraction"] - result["removable_fraction"]) < 0.01
 
 
 # ---- SquareHead ------------------------------------------------------------------------------------

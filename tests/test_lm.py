@@ -233,3 +233,17 @@ def test_eval_batches_for_compression(lm_run, model_and_tok):
     _, tok = model_and_tok
     batches = lm.eval_batches(out, tok, limit=3, length=16)
     assert len(batches) == 3 and all(b["input_ids"].shape == (1, 16) for b in batches)
+
+
+def test_eval_refuses_encoders_and_classification_runs(tmp_path, texts):
+    from typer.testing import CliRunner
+
+    from finegates.cli import app
+
+    r = CliRunner().invoke(app, ["eval", "minilm", "--text-file", str(texts[1])])
+    assert r.exit_code == 2 and "not a decoder" in r.output
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"train": {"method": "gates"}, "model_location": "x"}))
+    r = CliRunner().invoke(app, ["eval", str(run), "--text-file", str(texts[1])])
+    assert r.exit_code == 2 and "not a language-modelling run" in r.output

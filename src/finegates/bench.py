@@ -5,7 +5,8 @@
 Timing runs both models in one process, alternating blocks of runs, so a neighbour's load on a
 shared machine hits both alike; latencies are medians and p90s over all timed runs after
 warm-up. Peak memory is measured per model in a fresh subprocess (ru_maxrss: load + a few
-forward passes), reported beside the process's baseline before the model was loaded.
+forward passes; the peak counter is reset after loading), beside the process's resident memory
+right after loading and its baseline before.
 
 What `against` may be: a run directory (its gated model with the gates baked in, dense shapes:
 same logits as the compressed model), a dense Hugging Face folder, or nothing: then the run
@@ -17,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -133,22 +133,44 @@ def summarize(ms: list[float]) -> dict[str, float]:
 
 
 # ---- memory (subprocess) --------------------------------------------------------------------------
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _status_mb(key: str) -> float:
+    """VmRSS / VmHWM (peak) of this process from /proc, in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def memory_worker(args: dict) -> dict:
-    """Run in a fresh process: load one model (or ONNX session), run a few passes, report peak RSS."""
+    """Run in a fresh process: load one model (or ONNX session), reset the peak, run a few passes.
+
+    `peak_rss_mb` is the process's peak resident memory while serving (the peak counter is reset
+    after loading, via /proc/self/clear_refs, so a dense model built and then cut at load time
+    does not count); `loaded_rss_mb` is the resident memory right after loading.
+    """
+    import gc
+
     torch.set_num_threads(args["threads"])
-    base = _rss_mb()
-    model, _ = load_any(args["model"])
-    inputs = make_inputs(model, args["batch"], args["seq"])
-    run = _ort_runner(args["onnx"], inputs, args["threads"]) if args.get("onnx") else _torch_runner(model, inputs)
+    base = _status_mb("VmRSS")
     if args.get("onnx"):
-        del model
+        from .export import ort_feed, ort_session
+
+        session = ort_session(args["onnx"], args["threads"])
+        ids = torch.randint(5, 100, (args["batch"], args["seq"]))
+        feed = ort_feed(session, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+        run = lambda: session.run(None, feed)  # noqa: E731
+    else:
+        model, _ = load_any(args["model"])
+        run = _torch_runner(model, make_inputs(model, args["batch"], args["seq"]))
+    gc.collect()
+    loaded = _status_mb("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM
+    except OSError:
+        pass
     for _ in range(3):
         run()
-    return {"peak_rss_mb": _rss_mb(), "baseline_rss_mb": base}
+    return {"peak_rss_mb": _status_mb("VmHWM"), "loaded_rss_mb": loaded, "baseline_rss_mb": base}
 
 
 def peak_memory(model_path, cfg: BenchConfig, onnx_path=None) -> dict:
@@ -180,9 +202,10 @@ def machine_info() -> dict:
 
 
 def bench(model_dir, against=None, cfg: BenchConfig | None = None, onnx_dir=None) -> dict:
-    """Time and size the compressed model at MODEL_DIR against its dense counterpart."""
-    from .export import export_onnx
+    """Time and size the compressed model at MODEL_DIR against its dense counterpart.
 
+    ONNX files go to `onnx_dir` (reused when already there) or a temporary folder.
+    """
     cfg = cfg or BenchConfig()
     against = against or default_against(model_dir)
     torch.set_num_threads(cfg.threads)
@@ -202,20 +225,10 @@ def bench(model_dir, against=None, cfg: BenchConfig | None = None, onnx_dir=None
     result["latency_ms_compressed"] = result["torch"]["compressed"]["median"]
     result["latency_ratio"] = result["latency_ms_compressed"] / result["latency_ms_dense"]
     result["p90_ratio"] = result["torch"]["compressed"]["p90"] / result["torch"]["dense"]["p90"]
-    onnx_paths = {}
     if cfg.onnx:
-        with tempfile.TemporaryDirectory(dir=onnx_dir) as tmp:
-            for name, model in (("dense", dense), ("compressed", compressed)):
-                onnx_paths[name] = export_onnx(model, Path(tmp) / f"{name}.onnx")
-            runners = {k: _ort_runner(p, inputs, cfg.threads) for k, p in onnx_paths.items()}
-            ort_times = time_interleaved(runners, cfg.runs, cfg.warmup, cfg.blocks)
-            result["onnxruntime"] = {k: summarize(v) for k, v in ort_times.items()}
-            result["ort_latency_ms_dense"] = result["onnxruntime"]["dense"]["median"]
-            result["ort_latency_ms_compressed"] = result["onnxruntime"]["compressed"]["median"]
-            result["ort_latency_ratio"] = result["ort_latency_ms_compressed"] / result["ort_latency_ms_dense"]
-            if cfg.memory:
-                result["memory_mb_onnxruntime"] = {k: peak_memory(m, cfg, onnx_paths[k])
-                                                   for k, m in (("dense", against), ("compressed", model_dir))}
+        with tempfile.TemporaryDirectory() as tmp:
+            _bench_onnx(result, {"dense": (dense, against), "compressed": (compressed, model_dir)},
+                        inputs, cfg, Path(onnx_dir or tmp))
     if cfg.memory:
         result["memory_mb"] = {k: peak_memory(m, cfg) for k, m in (("dense", against), ("compressed", model_dir))}
     p = result["params"]
@@ -224,6 +237,24 @@ def bench(model_dir, against=None, cfg: BenchConfig | None = None, onnx_dir=None
     result["load_avg"] = {"before": list(load_before), "after": list(os.getloadavg())}
     result["machine"] = machine_info()
     return result
+
+
+def _bench_onnx(result: dict, models: dict, inputs: dict, cfg: BenchConfig, folder: Path) -> None:
+    from .export import export_onnx
+
+    paths = {}
+    for name, (model, _) in models.items():
+        paths[name] = folder / f"{name}.onnx"
+        if not paths[name].is_file():
+            export_onnx(model, paths[name])
+    runners = {k: _ort_runner(p, inputs, cfg.threads) for k, p in paths.items()}
+    ort_times = time_interleaved(runners, cfg.runs, cfg.warmup, cfg.blocks)
+    result["onnxruntime"] = {k: summarize(v) for k, v in ort_times.items()}
+    result["ort_latency_ms_dense"] = result["onnxruntime"]["dense"]["median"]
+    result["ort_latency_ms_compressed"] = result["onnxruntime"]["compressed"]["median"]
+    result["ort_latency_ratio"] = result["ort_latency_ms_compressed"] / result["ort_latency_ms_dense"]
+    if cfg.memory:
+        result["memory_mb_onnxruntime"] = {k: peak_memory(src, cfg, paths[k]) for k, (_, src) in models.items()}
 
 
 def print_table(result: dict) -> None:

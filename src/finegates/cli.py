@@ -84,7 +84,10 @@ def train(
     ),
     task: Optional[str] = typer.Option(None, help="GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli."),
     data_dir: Optional[Path] = typer.Option(None, help="GLUE task folder holding train.tsv and dev.tsv."),
-    model: Optional[str] = typer.Option(None, help="HF model folder or hub id. Default: the embedded MiniLM-L6."),
+    model: Optional[str] = typer.Option(
+        None, help="HF model folder, hub id, or smollm2 (prepared on first use). Default: the embedded MiniLM-L6; "
+        "smollm2 with --objective lm."
+    ),
     train_file: Optional[Path] = typer.Option(None, help="Own data: training file (.csv, .tsv, .jsonl)."),
     eval_file: Optional[Path] = typer.Option(None, help="Own data: evaluation file."),
     text_columns: Optional[str] = typer.Option(None, help="Own data: text column(s), comma-separated (1 or 2)."),

@@ -27,7 +27,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from .arch import ArchSpec, blocks, get_submodule, spec_for
-from .compact import AttnLayout, CompactAttention, Constant
+from .compact import AttnLayout, CompactAttention, Constant, padded_linear, spread_indices
 from .coupling import DELETABLE_SIDE, BlockLayout, keep, kept_params
 from .files import atomic_write, save_tensors, write_json
 from .gates import GatedLinear
@@ -176,7 +176,8 @@ def build_block(block: nn.Module, spec: ArchSpec, config, plan: dict, layer_idx:
     _set(block, attn_path, compact)
     if not o_inside:
         n_o = lay.n_o if lay.heads else 0
-        o = _linear(n_o, hidden, "o" in bias, dtype) if lay.heads else Constant(hidden, "o" in bias, dtype)
+        o = padded_linear(n_o, hidden, "o" in bias, dtype, cols=spread_indices(lay)["o"]) if lay.heads \
+            else Constant(hidden, "o" in bias, dtype)
         _set(block, spec.modules["o"], o)
     units = len(plan["mlp"])
     for role in ("up", "gate"):
@@ -401,7 +402,7 @@ def compress_run(run_dir, out_dir, limit: int = 64) -> dict:
     regression = bool(run.get("regression"))
     agree = (before.squeeze(-1) - after.squeeze(-1)).abs() < 1e-4 if regression else before.argmax(-1) == after.argmax(-1)
     report = {
-        "run_dir": str(run_dir), "task": run.get("task"), "model_location": run["model_location"],
+        "run_dir": str(Path(run_dir).resolve()), "task": run.get("task"), "model_location": run["model_location"],
         "params_dense": dense, "params_compressed": n, "removed_fraction": 1 - n / dense,
         "layer_params_dense": dense_layers, "layer_params_compressed": n_layers,
         "layer_params_removed_fraction": 1 - n_layers / dense_layers,

@@ -231,7 +231,7 @@ def load_causal_lm(location: str, dtype: torch.dtype = torch.float32) -> nn.Modu
 
     from transformers import AutoModelForCausalLM
 
-    from .arch import spec_for
+    from .arch import spec_for_model_type
     from .models import ModelError, load_config
 
     cfg_path = Path(location) / "config.json"
@@ -242,11 +242,13 @@ def load_causal_lm(location: str, dtype: torch.dtype = torch.float32) -> nn.Modu
         from .compress import load
 
         return load(location)
-    load_config(location)  # clear error for an unsupported family
-    model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
-    if not spec_for(model).decoder:
-        raise ModelError(f"{location}: {model.config.model_type} is not a decoder; the LM objective needs one")
-    return model
+    config = load_config(location)  # clear error for an unsupported family
+    if not spec_for_model_type(config.model_type).decoder:
+        raise ModelError(f"{location}: {config.model_type} is not a decoder; the LM objective needs one")
+    try:
+        return AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
+    except Exception as e:  # noqa: BLE001 - missing, truncated or mismatched weight files
+        raise ModelError(f"{location}: cannot load the model weights ({str(e).strip().splitlines()[0]})") from None
 
 
 def load_lm_run(run_dir) -> tuple[nn.Module, object, dict]:
@@ -322,6 +324,14 @@ def lr_lambda(schedule: str, total: int, warmup: int):
     return f
 
 
+def _method_config(method) -> dict | None:
+    if hasattr(method, "config"):
+        return method.config()
+    from .train import _jsonable
+
+    return _jsonable(getattr(method, "recipe", None))
+
+
 def _seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -334,7 +344,7 @@ def train_lm(cfg: LMConfig) -> dict:
     from .methods import get_method
     from .model import count_params, count_trainable, gate_state_dict
     from .models import load_tokenizer, resolve
-    from .train import TrainingError, _gate_trace, _jsonable, _versions, peak_memory_mb, pick_device
+    from .train import TrainingError, _gate_trace, _versions, peak_memory_mb, pick_device
 
     _seed(cfg.seed)
     device = pick_device(cfg.device)
@@ -356,6 +366,7 @@ def train_lm(cfg: LMConfig) -> dict:
     method = get_method(cfg.method)
     dense_params = count_params(model)
     groups = method.prepare(model, cfg, total)
+    trainable_params = count_trainable(model)  # before `finish` (which may merge adapters away)
     model.to(device)
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, total, cfg.warmup_steps))
@@ -366,11 +377,11 @@ def train_lm(cfg: LMConfig) -> dict:
     write_json(cfg.out / "config.json", {
         "format_version": FORMAT_VERSION, "objective": "lm", "train": asdict(cfg), "model_location": location,
         "task": "lm", "fingerprint": fingerprint, "train_tokens": int(blocks_.numel()),
-        "eval_tokens": int(eval_stream.numel()), "method_config": _jsonable(getattr(method, "recipe", None)),
+        "eval_tokens": int(eval_stream.numel()), "method_config": _method_config(method),
         "versions": _versions(),
     })
 
-    eval_at = {round(total * (i + 1) / cfg.evals) for i in range(cfg.evals)} | {total}
+    eval_at = {max(1, round(total * (i + 1) / cfg.evals)) for i in range(cfg.evals)} | {total}
     gen = torch.Generator().manual_seed(cfg.seed)
     params = [p for g in groups for p in g["params"]]
     history, order, step, t_train = [], [], 0, 0.0
@@ -414,7 +425,7 @@ def train_lm(cfg: LMConfig) -> dict:
                       "train_loss": task_loss.item(), **method.progress()}
             history.append(record)
             append_jsonl(cfg.out / "metrics.jsonl", record)
-            tensors = gate_state_dict(model)
+            tensors = method.trainable_state(model) if hasattr(method, "trainable_state") else gate_state_dict(model)
             if nonfinite(tensors):
                 raise TrainingError(f"trained tensors hold NaN/inf at step {step}")
             save_trainable(cfg.out / "trainable.safetensors", model, fingerprint, step, tensors)
@@ -432,7 +443,7 @@ def train_lm(cfg: LMConfig) -> dict:
         "perplexity": final["dev"]["perplexity"], "dense_perplexity": dense["perplexity"] if dense else None,
         "dense": dense, "window": cfg.window, "stride": cfg.stride, "eval_text_file": str(cfg.eval_text_file),
         "train_text_files": [str(p) for p in cfg.text_files], "train_tokens": int(blocks_.numel()),
-        "trainable_params": count_trainable(model), "total_params": dense_params,
+        "trainable_params": trainable_params, "total_params": dense_params,
         "train_seconds": t_train, "seconds_per_step": t_train / max(step, 1),
         "peak_memory_mb": peak_memory_mb(device), "device": str(device), "complete": True,
         **method.summary(model),
