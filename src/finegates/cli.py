@@ -97,6 +97,10 @@ def train(
         "gates", help="Training method: gates (FineGates), or a baseline: full, bitfit, lora, pst, gmp, magnitude."
     ),
     opt: Optional[list[str]] = typer.Option(None, "--opt", metavar="KEY=VALUE", help=METHOD_OPTIONS_HELP),
+    pooling: str = typer.Option(
+        "cls", help="Which token state the classification head reads: cls, mean, or auto (the pooling the "
+        "checkpoint was trained with: mean for sentence-transformers folders such as the default MiniLM)."
+    ),
     distill: Optional[str] = typer.Option(
         None, help="Feature distillation from the dense model (SquareHead): none or squarehead. "
         "Default: squarehead for gmp, none otherwise (supported by gates, full, gmp)."
@@ -177,7 +181,7 @@ def train(
         lam=lam, reg_start_step=reg_start_step, regularizer=regularizer, train_bias=train_bias, seed=seed,
         train_limit=train_limit, eval_limit=eval_limit, evals_per_epoch=evals_per_epoch, device=device,
         trace_every=trace_every, checkpoint_every=checkpoint_every, skip_nonfinite=skip_nonfinite,
-        progress=progress, method_options=_options(opt), distill=distill,
+        progress=progress, method_options=_options(opt), distill=distill, pooling=pooling,
     )
     result = run_guarded(run_train, cfg)
     _print_result(result)

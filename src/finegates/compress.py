@@ -31,6 +31,7 @@ from .compact import AttnLayout, CompactAttention, Constant, padded_linear, spre
 from .coupling import DELETABLE_SIDE, BlockLayout, keep, kept_params
 from .files import atomic_write, save_tensors, write_json
 from .gates import GatedLinear
+from .pooling import restore_pooling
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -347,7 +348,7 @@ def load(model_dir) -> nn.Module:
         build_block(block, spec, config, plan, i, dtype)
     model.config.finegates = fg
     _load_strict(model, d / WEIGHTS)
-    return model.eval()
+    return restore_pooling(model).eval()
 
 
 def _load_strict(model: nn.Module, path: Path) -> None:

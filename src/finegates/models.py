@@ -11,6 +11,7 @@ import torch.nn as nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from .arch import UnsupportedModelError, spec_for_model_type
+from .pooling import apply_pooling, resolve_pooling
 from .prepare import is_packaged, prepare
 
 DEFAULT_MODEL = "minilm"
@@ -103,8 +104,12 @@ def max_tokens(config, tokenizer) -> int | None:
     return min(limits) if limits else None
 
 
-def load_classifier(location: str, num_labels: int, regression: bool = False) -> nn.Module:
-    """A sequence-classification model with a fresh head of `num_labels` outputs."""
+def load_classifier(location: str, num_labels: int, regression: bool = False, pooling: str = "cls") -> nn.Module:
+    """A sequence-classification model with a fresh head of `num_labels` outputs.
+
+    `pooling` (pooling.py): which token state the head reads; 'auto' = what the checkpoint was
+    trained with (mean for sentence-transformers folders such as the default MiniLM).
+    """
     config = load_config(location)
     config.num_labels = num_labels
     config.problem_type = "regression" if regression else "single_label_classification"
@@ -120,4 +125,4 @@ def load_classifier(location: str, num_labels: int, regression: bool = False) ->
         # checkpoint's config says.
         tok = load_tokenizer(location)
         model.config.pad_token_id = tok.pad_token_id
-    return model
+    return apply_pooling(model, resolve_pooling(pooling, location, decoder))

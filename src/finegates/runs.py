@@ -44,7 +44,8 @@ def load_run(run_dir) -> tuple[nn.Module, object, dict]:
     weights = run_dir / "trainable.safetensors"
     if not weights.is_file():
         raise RunError(f"{run_dir}: no trainable.safetensors (the run never reached an evaluation)")
-    model = load_classifier(run["model_location"], run["num_labels"], run.get("regression", False))
+    model = load_classifier(run["model_location"], run["num_labels"], run.get("regression", False),
+                            run["train"].get("pooling", "cls"))
     apply_gates(model, gate_config(run))
     load_trainable(model, weights)  # strict; refuses another base model's gates
     model.run_dir = str(run_dir)

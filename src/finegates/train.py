@@ -38,6 +38,7 @@ from .files import append_jsonl, write_json
 from .methods import Method, get_method
 from .model import count_params, count_trainable
 from .models import load_classifier, load_config, load_tokenizer, max_tokens, resolve
+from .pooling import POOLINGS
 from .tasks import DataError, Example, TaskSpec, UserData, load_glue
 
 
@@ -84,6 +85,8 @@ class TrainConfig:
     skip_nonfinite: bool = field(default=False, metadata={"help": "Skip batches with a NaN/inf loss or gradient."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
     method_options: dict = field(default_factory=dict, metadata={"help": "Method-specific options (--opt key=value)."})
+    pooling: str = field(default="cls", metadata={
+        "help": "Which token state the head reads: cls, mean, or auto (what the checkpoint was trained with)."})
     distill: str | None = field(default=None, metadata={
         "help": "Feature distillation from the dense model: none or squarehead. Default: per method (gmp: squarehead)."})
     recipe_options: dict = field(default_factory=dict, metadata={"help": "Dotted-path recipe overrides, e.g. {'reg.lam': 10}."})
@@ -127,6 +130,8 @@ class TrainConfig:
         if self.distill is not None and self.distill not in ("none", "squarehead"):
             raise ValueError(f"--distill must be none or squarehead, got {self.distill!r}")
         self.method_options = dict(self.method_options)
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
 
 
 # ---- data ---------------------------------------------------------------------------------
@@ -236,7 +241,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     location = resolve(cfg.model)
     load_config(location)  # an unsupported model folder fails here, in one line, before the tokenizer
     tokenizer = load_tokenizer(location)
-    model = load_classifier(location, spec.num_labels, spec.regression)
+    model = load_classifier(location, spec.num_labels, spec.regression, cfg.pooling)
     fingerprint = model_fingerprint(model)
     limit = max_tokens(model.config, tokenizer)  # longer inputs would overflow the position table
     max_length = min(cfg.max_length, limit) if limit else cfg.max_length

@@ -185,7 +185,8 @@ def load_trained(run_dir: str | Path) -> nn.Module:
     mc = cfg.get("method_config") or {}
     if mc.get("rebuild") != "dense":
         raise ValueError(f"{run_dir}: not a dense-baseline run (method {cfg['train']['method']}); use the gates loader")
-    model = load_classifier(cfg["model_location"], cfg["num_labels"], cfg["regression"])
+    model = load_classifier(cfg["model_location"], cfg["num_labels"], cfg["regression"],
+                            cfg["train"].get("pooling", "cls"))
     state = load_file(str(run_dir / "trainable.safetensors"))
     own = model.state_dict()
     unknown = sorted(k for k in state if k not in own)
