@@ -88,7 +88,8 @@ class GatesMethod(Method):
             r.reg,
             sparsity=cfg.sparsity,
             lam=cfg.lam if cfg.lam is not None else r.reg.lam,
-            start_step=cfg.reg_start_step if cfg.reg_start_step is not None else r.reg.start_step,
+            start_step=cfg.reg_start_step if cfg.reg_start_step is not None
+            else r.reg.start_step or int(r.warmup_fraction * total_steps),
             ramp_steps=r.reg.ramp_steps or int(r.ramp_fraction * total_steps),
         )
         if cfg.regularizer is not None:

@@ -26,7 +26,8 @@ class Recipe:
     gate_lr: float
     head_lr: float
     bias_lr: float = 1e-3
-    ramp_fraction: float = 0.0  # controller target ramp, as a fraction of all training steps
+    ramp_fraction: float = 0.0  # scheduled-target ramp, as a fraction of all training steps
+    warmup_fraction: float = 0.0  # penalty-free start (gates learn the task first), fraction of all steps
     description: str = ""
     notes: dict = field(default_factory=dict)
 
