@@ -62,6 +62,10 @@ def load_any(path) -> tuple[nn.Module, str]:
     cfg = json.loads((p / "config.json").read_text()) if (p / "config.json").is_file() else {}
     if cfg.get("finegates"):
         return load(p), "compressed"
+    if (cfg.get("method_config") or {}).get("rebuild") == "dense":  # full, bitfit, lora, pst, gmp runs
+        from .baselines.base import load_trained
+
+        return load_trained(p), "run (baseline, dense shapes)"
     if "model_location" in cfg:
         from .runs import load_run
 

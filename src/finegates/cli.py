@@ -98,7 +98,7 @@ def train(
     ),
     opt: Optional[list[str]] = typer.Option(None, "--opt", metavar="KEY=VALUE", help=METHOD_OPTIONS_HELP),
     pooling: str = typer.Option(
-        "cls", help="Which token state the classification head reads: cls, mean, or auto (the pooling the "
+        "auto", help="Which token state the classification head reads: cls, mean, or auto (the pooling the "
         "checkpoint was trained with: mean for sentence-transformers folders such as the default MiniLM)."
     ),
     distill: Optional[str] = typer.Option(

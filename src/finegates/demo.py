@@ -20,7 +20,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", type=Path, default=REPO_DATA, help="MRPC folder (train.tsv, dev.tsv)")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--epochs", type=float, default=2.0)
+    p.add_argument("--epochs", type=float, default=5.0)
     p.add_argument("--sparsity", type=float, default=0.4)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
@@ -42,9 +42,8 @@ def main() -> None:
     console.print(f"[bold]finegates demo[/]: MiniLM-L6 on MRPC ({args.data_dir}), target sparsity {args.sparsity}, "
                   f"{args.epochs:g} epochs on CPU")
     t0 = time.time()
-    # lambda 5 reaches the target within a short schedule (docs/gate-training.md, round 3)
     run = train(TrainConfig(out=args.out / "run", task="mrpc", data_dir=args.data_dir, epochs=args.epochs,
-                            sparsity=args.sparsity, lam=5.0, device="cpu"))
+                            sparsity=args.sparsity, device="cpu"))
     t_train = time.time() - t0
     report = compress_run(args.out / "run", args.out / "compressed", limit=64)
     timing = bench(args.out / "compressed", args.out / "run",

@@ -3,10 +3,12 @@
 `paper` is the authors' published implementation (METHOD.md section 1), kept as the reference.
 `stg` is the original stochastic-gates parameterisation (Yamada et al., 2020).
 `fast` is ours (docs/gate-training.md has the study behind it): gates start just below
-saturation so the task gradient reaches them from step 0; only deletable units are penalised, and
-only the lowest-ranked ones up to a cubic schedule's parameter budget (regularizer.py, "topk"), so
-the target is reached on time, without overshoot, and the units that close are the ones the task
-gradient itself has been lowering. Biases of gated layers train too (BitFit-like capacity).
+saturation so the task gradient reaches them from step 0; the first 20% of steps train without
+penalty, so the gates (and head) learn the task before anything is ranked; then only deletable
+units are penalised, and only the lowest-ranked ones up to a cubic schedule's parameter budget
+(regularizer.py, "topk"), so the target is reached on time (at 70% of training), without
+overshoot, and the units that close are the ones the task gradient itself has been lowering.
+Biases of gated layers train too (BitFit-like capacity).
 """
 
 from __future__ import annotations
@@ -61,12 +63,14 @@ def _fast() -> Recipe:
             param=GateParam(mean_fn="identity", init_mean=0.45, init_std=0.0, noise_std=0.05, reg_sigma=0.5),
             train_bias=True,
         ),
-        reg=RegConfig(kind="budget", lam=1.0, schedule="topk"),
+        reg=RegConfig(kind="budget", lam=5.0, schedule="topk"),
         gate_lr=1e-2,
         head_lr=1e-3,
         bias_lr=1e-3,
-        ramp_fraction=0.6,
-        description="ours: identity mean just below saturation, top-k budget penalty on a cubic schedule",
+        warmup_fraction=0.2,
+        ramp_fraction=0.5,
+        description="ours: identity mean just below saturation; no penalty for the first 20% of steps, then a "
+        "top-k budget penalty (lambda 5) on a cubic schedule over the next 50%",
     )
 
 

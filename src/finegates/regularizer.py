@@ -170,10 +170,10 @@ class Regularizer(nn.Module):
 
     def forward(self, step: int) -> tuple[torch.Tensor, float]:
         """(lambda * R, lambda) for this step; zero before `start_step`."""
+        if self.cfg.schedule != "none":
+            self.target = self.scheduled_target(step)  # 0 until start_step: the bar shows the warm-up
         if step < self.cfg.start_step or self.cfg.sparsity == 0.0:
             return torch.zeros((), device=self.layers[0].base.weight.device), 0.0
-        if self.cfg.schedule != "none":
-            self.target = self.scheduled_target(step)
         if self.cfg.controller:
             self._update_lambda(step)
         return self.lam * self.penalty(), self.lam

@@ -34,6 +34,7 @@ from .checkpoint import (
     CHECKPOINT, FORMAT_VERSION, RunError, model_fingerprint, nonfinite, read_checkpoint, restore_checkpoint,
     save_checkpoint, save_trainable, truncate_log,
 )
+from .distributed import Processes, all_finite, barrier, broadcast, local_slice, processes, wrap
 from .files import append_jsonl, write_json
 from .methods import Method, get_method
 from .model import count_params, count_trainable
@@ -85,7 +86,7 @@ class TrainConfig:
     skip_nonfinite: bool = field(default=False, metadata={"help": "Skip batches with a NaN/inf loss or gradient."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
     method_options: dict = field(default_factory=dict, metadata={"help": "Method-specific options (--opt key=value)."})
-    pooling: str = field(default="cls", metadata={
+    pooling: str = field(default="auto", metadata={
         "help": "Which token state the head reads: cls, mean, or auto (what the checkpoint was trained with)."})
     distill: str | None = field(default=None, metadata={
         "help": "Feature distillation from the dense model: none or squarehead. Default: per method (gmp: squarehead)."})
@@ -236,7 +237,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     if resume and (cfg.out / "metrics.json").is_file():
         return json.loads((cfg.out / "metrics.json").read_text(encoding="utf-8"))  # already complete
     seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
+    procs = processes(cpu=cfg.device == "cpu")
+    device = procs.device if procs.active and cfg.device != "cpu" else pick_device(cfg.device)
+    if cfg.batch_size % procs.world:
+        raise ValueError(f"--batch-size {cfg.batch_size} (the global batch) must be a multiple of the "
+                         f"{procs.world} training processes")
     spec, train_ex, eval_ex = load_task(cfg)
     location = resolve(cfg.model)
     load_config(location)  # an unsupported model folder fails here, in one line, before the tokenizer
@@ -257,6 +262,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     groups = method.prepare(model, cfg, total_steps)
     trainable_params = count_trainable(model)  # before `finish` (which may merge adapters away)
     model.to(device)
+    runner = wrap(model, procs)  # DDP over several processes (distributed.py), the model itself otherwise
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
 
     ckpt = read_checkpoint(cfg.out) if resume else None
@@ -268,7 +274,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                                   generator=gen, fingerprint=fingerprint)
         if loop.get("data") != data_fp:
             raise RunError(f"{cfg.out / CHECKPOINT}: the training data changed since this checkpoint was written")
-    _start_run_dir(cfg, ckpt, {
+    _start_run_dir(cfg, ckpt, procs, {
         "format_version": FORMAT_VERSION,
         "train": asdict(cfg), "model_location": location, "task": spec.name, "labels": spec.labels,
         "metrics": spec.metrics, "num_labels": spec.num_labels, "regression": spec.regression,
@@ -280,8 +286,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     step, t_train, order, history = loop["step"], loop["t_train"], list(loop["order"]), list(loop["history"])
     skipped, in_a_row, last_ckpt = loop["skipped"], loop["in_a_row"], (step if ckpt is not None else None)
     params = [p for g in groups for p in g["params"]]
-    bar = tqdm(total=total_steps, initial=step, desc=f"{cfg.method} {spec.name}", disable=not cfg.progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, desc=f"{cfg.method} {spec.name}",
+               disable=not (cfg.progress and procs.main), dynamic_ncols=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     while step < total_steps:
@@ -290,14 +296,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
         model.train()
         t0 = time.perf_counter()
-        batch = {k: v.to(device) for k, v in train_data.batch(idx).items()}
+        batch = {k: v.to(device) for k, v in train_data.batch(local_slice(idx, procs)).items()}
         with _autocast(device):
-            out = model(**batch)
+            out = runner(**batch)
         task_loss = out.loss.float()
         extra, logs = method.extra_loss(model, step, batch, out)
         loss = task_loss if extra is None else task_loss + extra
         optimizer.zero_grad(set_to_none=True)
-        bad = None if torch.isfinite(loss) else f"loss is {loss.item()} (task loss {task_loss.item():.4g})"
+        bad = None if all_finite(loss, procs) else f"loss is {loss.item()} (task loss {task_loss.item():.4g})"
         if bad is None:
             loss.backward()  # a clip at inf measures the norm and scales by exactly 1
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
@@ -320,27 +326,28 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         t_train += time.perf_counter() - t0
         step += 1
         bar.update(1)
-        if cfg.trace_every and (step % cfg.trace_every == 0 or step == 1):
+        if procs.main and cfg.trace_every and (step % cfg.trace_every == 0 or step == 1):
             append_jsonl(cfg.out / "trace.jsonl", {"step": step, "task_loss": task_loss.item(),
                                                     **logs, **method.progress(), **_gate_trace(model)})
         if step in eval_points:
-            scores = evaluate(model, spec, evals, cfg, device)
+            scores = broadcast(evaluate(model, spec, evals, cfg, device) if procs.main else None, procs)
             record = {"step": step, "epoch": round(step / steps_per_epoch, 3), "dev": scores,
                       "score": M.main_score(scores, _metric_keys(spec, evals)), **method.progress()}
             history.append(record)
             _check_finite(model, step, cfg, last_ckpt)
-            append_jsonl(cfg.out / "metrics.jsonl", record)
-            save_trainable(cfg.out / "trainable.safetensors", model, fingerprint, step,
-                           tensors=method.trainable_state(model))
-            bar.write(f"step {step} epoch {record['epoch']}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
-                      + "".join(f", {k} {v}" for k, v in method.progress().items()))
+            if procs.main:
+                append_jsonl(cfg.out / "metrics.jsonl", record)
+                save_trainable(cfg.out / "trainable.safetensors", model, fingerprint, step,
+                               tensors=method.trainable_state(model))
+                bar.write(f"step {step} epoch {record['epoch']}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+                          + "".join(f", {k} {v}" for k, v in method.progress().items()))
         if step < total_steps and (step in eval_points or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
             _check_finite(model, step, cfg, last_ckpt)
-            save_checkpoint(cfg.out, step=step, model=model, optimizer=optimizer, method=method, generator=gen,
-                            fingerprint=fingerprint, loop={"step": step, "t_train": t_train, "order": order,
-                                                           "history": history, "skipped": skipped,
-                                                           "in_a_row": in_a_row,
-                                                           "data": data_fp})
+            if procs.main:
+                save_checkpoint(cfg.out, step=step, model=model, optimizer=optimizer, method=method, generator=gen,
+                                fingerprint=fingerprint, loop={"step": step, "t_train": t_train, "order": order,
+                                                               "history": history, "skipped": skipped,
+                                                               "in_a_row": in_a_row, "data": data_fp})
             last_ckpt = step
         if cfg.progress and step % 10 == 0:  # progress() may sync the GPU: not every step
             bar.set_postfix(loss=f"{task_loss.item():.3f}", **method.progress())
@@ -356,16 +363,25 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         "train_seconds": t_train, "seconds_per_step": t_train / max(step, 1),
         "peak_memory_mb": peak_memory_mb(device), "device": str(device), "skipped_nonfinite": skipped,
         "resumed_from_step": ckpt["step"] if ckpt is not None else None,
+        "processes": procs.world, "samples_per_second": step * cfg.batch_size / max(t_train, 1e-9),
         **method.summary(model), "complete": True,
     }
-    write_json(cfg.out / "metrics.json", result)
-    shutil.rmtree(cfg.out / CHECKPOINT.parent, ignore_errors=True)  # complete: the result is trainable.safetensors
+    if procs.main:
+        write_json(cfg.out / "metrics.json", result)
+        shutil.rmtree(cfg.out / CHECKPOINT.parent, ignore_errors=True)  # complete: the result is trainable.safetensors
+    barrier(procs)
     return result
 
 
-def _start_run_dir(cfg: TrainConfig, ckpt: dict | None, config: dict) -> None:
+def _start_run_dir(cfg: TrainConfig, ckpt: dict | None, procs: Processes, config: dict) -> None:
     """A fresh run clears what an earlier run left there; a resumed one cuts its logs back to the
-    checkpoint's step, so no line is repeated."""
+    checkpoint's step, so no line is repeated. Only the main process touches the folder."""
+    if procs.main:
+        _prepare_run_dir(cfg, ckpt, config)
+    barrier(procs)
+
+
+def _prepare_run_dir(cfg: TrainConfig, ckpt: dict | None, config: dict) -> None:
     cfg.out.mkdir(parents=True, exist_ok=True)
     (cfg.out / "metrics.json").unlink(missing_ok=True)
     for tmp in [*cfg.out.glob(".*.tmp"), *cfg.out.glob("checkpoint/.*.tmp")]:
