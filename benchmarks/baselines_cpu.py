@@ -106,7 +106,7 @@ def table(rows: list[dict]) -> str:
             sparsity = f"{100 * r['unstructured_sparsity']:.0f}% of block weights zero (unstructured)"
         else:
             sparsity = "dense"
-        latency = f"{r['latency_ratio']:.2f}" if r.get("latency_ratio") else "1 (dense)"
+        latency = f"{r['latency_ratio']:.2f}" if r.get("latency_ratio") else "not timed (dense shapes)"
         lines.append(f"| {r['method']} | {r['task']} | {100 * r['score']:.1f} | {r['trainable_params']:,} | {sparsity} | "
                      f"{latency} | {r['peak_memory_mb']:.0f} | {r['seconds_per_step']:.2f} |")
     return "\n".join(lines)

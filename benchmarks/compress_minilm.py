@@ -212,6 +212,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=lambda v: [int(x) for x in v.split(",")], default=[2, 1],
                     help="Thread counts to time at, comma-separated; the first is the headline.")
+    ap.add_argument("--name", default="compress_minilm", help="Result file stem under benchmarks/results/.")
     args = ap.parse_args()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -247,9 +248,9 @@ def main() -> None:
               "latency_ratio_by_threads": {str(k): v["latency_ratio"] for k, v in benches.items()},
               "ort_latency_ratio_by_threads": {str(k): v.get("ort_latency_ratio") for k, v in benches.items()},
               "layer_params_removed_fraction": report["layer_params_removed_fraction"]}
-    write_json(RESULTS / "compress_minilm.json", result)
-    write_md(result, RESULTS / "compress_minilm.md")
-    print(f"wrote {RESULTS / 'compress_minilm.json'} and .md")
+    write_json(RESULTS / f"{args.name}.json", result)
+    write_md(result, RESULTS / f"{args.name}.md")
+    print(f"wrote {RESULTS / args.name}.json and .md")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 CASES = (("gates", 64), ("lora", 64), ("full", 64), ("gates", 256), ("full", 256))
-TRAIN = ["--task", "sst2", "--epochs", "1", "--max-length", "64", "--eval-batch-size", "256", "--seed", "0",
+TRAIN = ["--task", "sst2", "--epochs", "1", "--max-length", "64", "--seed", "0",
          "--no-progress"]
 LAUNCH_2 = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no"]

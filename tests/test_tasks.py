@@ -25,10 +25,12 @@ def _real(task, file):
     return path if path.exists() or path.with_name(path.name + ".gz").exists() else None
 
 
-@pytest.mark.parametrize("task,file", sorted(COUNTS))
+# MNLI, QQP and QNLI's train split are not in shared/data (MANIFEST.md): their formats are tested on tiny files
+PRESENT = [key for key in sorted(COUNTS) if _real(*key) is not None]
+
+
+@pytest.mark.parametrize("task,file", PRESENT)
 def test_real_glue_files_read_with_official_counts(task, file):
-    if _real(task, file) is None:
-        pytest.skip(f"{task}/{file} is not in shared/data (see MANIFEST.md); its format is tested on a tiny file")
     spec = GLUE[task]
     examples = read_glue_split(spec, DATA / spec.dir_name, file)
     assert len(examples) == COUNTS[task, file]

@@ -6,7 +6,7 @@
 saturation so the task gradient reaches them from step 0; the first 20% of steps train without
 penalty, so the gates (and head) learn the task before anything is ranked; then only deletable
 units are penalised, and only the lowest-ranked ones up to a cubic schedule's parameter budget
-(regularizer.py, "topk"), so the target is reached on time (at 70% of training), without
+(regularizer.py, "topk"), so the target is reached on schedule (the ramp ends at 70% of training), without
 overshoot, and the units that close are the ones the task gradient itself has been lowering.
 Biases of gated layers train too (BitFit-like capacity).
 """
