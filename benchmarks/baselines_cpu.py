@@ -15,8 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 from pathlib import Path
+
+from benchmarks.report import git_commit, write_results
 
 METHODS = ("gates", "magnitude", "full", "lora", "bitfit", "pst", "gmp")
 TASKS = {"mrpc": "MRPC", "rte": "RTE"}
@@ -119,13 +120,11 @@ def cmd_report(args) -> None:
 
     torch.set_num_threads(BENCH["threads"])
     rows = collect(Path(args.runs))
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     meta = {"commit": commit, "report_machine": machine_info(), "platform": platform.platform(), "budget": BUDGET,
             "bench": BENCH, "note": args.note}
-    out = Path(args.results)
-    out.write_text(json.dumps({"meta": meta, "runs": rows}, indent=1) + "\n")
     md = table(rows)
-    out.with_suffix(".md").write_text(
+    write_results(args.results, meta, rows,
         f"# Every method on MRPC and RTE, MiniLM-L6, CPU, short budget\n\n{args.note}\n\n"
         f"Budget for every method: {BUDGET}; each at its default learning rate. Commit `{commit[:12]}`.\n"
         f"Latency: PyTorch fp32, {BENCH['threads']} threads, batch {BENCH['batch']} x {BENCH['seq']} tokens, median "

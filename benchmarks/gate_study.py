@@ -15,8 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 from pathlib import Path
+
+from benchmarks.report import git_commit, write_results
 
 TASK_DIRS = {"mrpc": "MRPC", "rte": "RTE", "stsb": "STS-B", "sst2": "SST-2", "cola": "CoLA", "wnli": "WNLI"}
 REFERENCE_FULL_FT = {"mrpc": 0.816, "rte": 0.628, "stsb": 0.868, "sst2": 0.905, "cola": 0.329}  # METHOD.md s.5
@@ -92,14 +93,10 @@ def collect(runs: Path) -> list[dict]:
 
 def cmd_report(args) -> None:
     rows = collect(Path(args.runs))
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    out = Path(args.results)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"commit": commit, "report_machine": platform.platform(), "runs_dir": args.runs,
+    meta = {"commit": git_commit(), "report_machine": platform.platform(), "runs_dir": args.runs,
             "reference_full_ft": REFERENCE_FULL_FT, "note": args.note}
-    out.write_text(json.dumps({"meta": meta, "runs": rows}, indent=1) + "\n")
     md = table(rows)
-    Path(args.results).with_suffix(".md").write_text(
+    write_results(args.results, meta, rows,
         f"<!-- {meta} -->\n{md}\n\nscore / physically removable layer parameters / steps until the hard count "
         f"reached the target (of all steps); * = stopped at the deadline, last evaluation shown\n")
     print(md)

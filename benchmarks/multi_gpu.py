@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.report import git_commit, write_results
+
 CASES = (("gates", 64), ("lora", 64), ("full", 64), ("gates", 256), ("full", 256))
 TRAIN = ["--task", "sst2", "--epochs", "1", "--max-length", "64", "--seed", "0",
          "--no-progress"]
@@ -74,12 +76,10 @@ def table(rows: list[dict]) -> str:
 
 def cmd_report(args) -> None:
     rows = collect(Path(args.runs))
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     meta = {"commit": commit, "device": args.device, "train_args": TRAIN, "note": args.note}
-    out = Path(args.results)
-    out.write_text(json.dumps({"meta": meta, "runs": rows}, indent=1) + "\n")
     md = table(rows)
-    out.with_suffix(".md").write_text(
+    write_results(args.results, meta, rows,
         f"# Data-parallel scaling: SST-2, MiniLM-L6, 1 vs 2 GPUs\n\nDevice: {args.device}. Commit `{commit[:12]}`. "
         f"One epoch of SST-2 (max length 64), seed 0, each method at its default learning rate; the 2-GPU runs use "
         f"`accelerate launch --multi_gpu --num_processes 2`, each GPU taking half of the same global batch. "

@@ -40,7 +40,7 @@ from .methods import Method, get_method
 from .model import count_params, count_trainable
 from .models import load_classifier, load_config, load_tokenizer, max_tokens, resolve
 from .pooling import POOLINGS
-from .tasks import DataError, Example, TaskSpec, UserData, load_glue
+from .tasks import Example, TaskSpec, UserData, load_glue
 
 
 class TrainingError(RuntimeError):
