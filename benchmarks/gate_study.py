@@ -32,12 +32,12 @@ def build_jobs(grid: dict, out: Path, model: str, glue: Path, only: list[str] | 
         for task, tcfg in grid["tasks"].items():
             if variant.get("tasks") and task not in variant["tasks"]:
                 continue
-            for seed in grid.get("seeds", [0]):
+            for seed in variant.get("seeds", grid.get("seeds", [0])):
                 job = {
                     "out": str(out / vname / f"{task}-s{seed}"), "model": model, "task": task,
                     "data_dir": str(glue / TASK_DIRS[task]), "seed": seed, "progress": False,
                     "trace_every": grid.get("trace_every", 25), **grid.get("defaults", {}), **tcfg,
-                    **{k: v for k, v in variant.items() if k not in ("tasks", "description")},
+                    **{k: v for k, v in variant.items() if k not in ("tasks", "seeds", "description")},
                 }
                 job["_cost"] = job.get("epochs", 1) * {"sst2": 20, "stsb": 2.3, "mrpc": 1.5, "rte": 1, "cola": 3.4}.get(task, 1)
                 jobs.append(job)

@@ -275,6 +275,7 @@ OPTION_CASES = {
     "unknown recipe": (["--recipe", "magic"], "unknown recipe 'magic'"),
     "unknown regularizer": (["--regularizer", "magic"], "regularizer kind must be layer, stg or budget"),
     "missing label column": (["--label-column", "y"], "no column 'y'"),
+    "unknown pooling": (["--pooling", "max"], "--pooling must be one of auto, cls, mean, got 'max'"),
 }
 
 

@@ -35,6 +35,9 @@ from .coupling import DELETABLE_SIDE, BlockLayout, keep, kept_params
 from .gates import GatedLinear
 
 
+TOPK_UNITS = ("mlp", "vo", "qk")
+
+
 @dataclass
 class RegConfig:
     """Sparsity penalty settings."""
@@ -47,8 +50,14 @@ class RegConfig:
     ramp_steps: int = field(default=0, metadata={"help": "Steps over which the controller's target ramps to `sparsity`."})
     controller_rate: float = field(default=0.05, metadata={"help": "log-lambda step per update at full error."})
     lam_max: float = field(default=1e4, metadata={"help": "Upper bound on the controlled lambda."})
+    units: tuple[str, ...] = field(default=TOPK_UNITS, metadata={
+        "help": "Top-k candidates: mlp (MLP units), vo (V/O dims), qk (Q/K dims or RoPE pairs). Attention dims "
+        "save less CPU time than their parameter count says (compressed heads are padded to one width)."})
 
     def __post_init__(self) -> None:
+        self.units = tuple(self.units)
+        if not self.units or set(self.units) - set(TOPK_UNITS):
+            raise ValueError(f"units must be a non-empty subset of {', '.join(TOPK_UNITS)}, got {self.units!r}")
         if self.kind not in ("layer", "stg", "budget"):
             raise ValueError(f"regularizer kind must be layer, stg or budget, got {self.kind!r}")
         if not (0.0 <= self.sparsity < 1.0) or math.isnan(self.sparsity):
@@ -136,20 +145,23 @@ class Regularizer(nn.Module):
 
     def _topk_penalty(self) -> torch.Tensor:
         """Mean keep probability of the lowest-ranked units covering the scheduled target."""
-        soft, score, cost = [], [], []
+        soft, score, cost, total = [], [], [], 0.0
         for lay, gated in self.blocks:
             p = keep(self._open(gated, hard=False), lay)
             with torch.no_grad():
                 v = keep(self._values(gated), lay)
             d, share = lay.hidden, lay.hidden / lay.group
             for name, c in (("mlp", d * (3 if lay.swiglu else 2)), ("vo", d + share), ("qk", d + share)):
+                total += c * v[name].numel()  # the budget is a fraction of every unit's parameters
+                if name not in self.cfg.units:
+                    continue
                 soft.append(p[name].flatten())
                 score.append(v[name].flatten())
                 cost.append(torch.full_like(v[name].flatten(), c))
         soft, score, cost = torch.cat(soft), torch.cat(score), torch.cat(cost)
         order = torch.argsort(score)
         cum = torch.cumsum(cost[order], 0)
-        k = int(torch.searchsorted(cum, self.target * cum[-1])) + 1
+        k = int(torch.searchsorted(cum, self.target * total)) + 1
         chosen = order[:k]
         return (soft[chosen] * cost[chosen]).sum() / cost[chosen].sum()
 
