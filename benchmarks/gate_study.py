@@ -80,7 +80,8 @@ def collect(runs: Path) -> list[dict]:
             "steps": m.get("steps", last["step"]), "metric": metric, "dev": m.get("dev", last["dev"]),
             "score": m.get("dev", last["dev"])[metric], "best_score": max(e["dev"][metric] for e in epochs),
             "removable_fraction": removed, "gated_off_fraction": m.get("gated_off_fraction"),
-            "target": target, "steps_to_target": steps_to_target(trace, target) if target > 0 else 0,
+            # without a trace (not brought back), the evaluations' removed fractions: a coarser answer
+            "target": target, "steps_to_target": steps_to_target(trace or epochs, target) if target > 0 else 0,
             "trainable_params": m.get("trainable_params"), "gate_params": m.get("gate_params"),
             "seconds_per_step": m.get("seconds_per_step"), "device": m.get("device"),
             "epochs": [{"step": e["step"], "score": e["dev"][metric], "removed": e.get("removed")} for e in epochs],

@@ -79,3 +79,26 @@ def test_paper_recipe_barely_closes_at_its_learning_rate():
     reg = Regularizer(model, recipe.reg)
     _train(model, reg, 100, lr=recipe.gate_lr)
     assert reg.removed_fraction() < 0.05
+
+
+def test_topk_on_mlp_units_only_closes_mlp_units_and_reaches_the_target():
+    """The default recipe's `units=("mlp",)`: the budget is still a fraction of all layer params."""
+    from finegates.arch import blocks, spec_for
+
+    recipe = get_recipe("fast")
+    assert recipe.reg.units == ("mlp",)
+    model = apply_gates(tiny("bert"), recipe.gate)
+    reg = Regularizer(model, RegConfig(kind="budget", schedule="topk", lam=1.0, sparsity=0.3, ramp_steps=100,
+                                       units=("mlp",)))
+    _train(model, reg, 260)
+    assert 0.27 <= reg.removed_fraction() <= 0.35
+    spec = spec_for(model)
+    for block in blocks(model, spec):
+        up_closed = block.get_submodule(spec.modules["up"]).row_gate.closed().float().mean()
+        v_closed = block.get_submodule(spec.modules["v"]).row_gate.closed().float().mean()
+        assert up_closed > 0.2 and v_closed < 0.05  # MLP units went; the attention was not pushed
+
+
+def test_units_must_be_known():
+    with pytest.raises(ValueError, match="units must be a non-empty subset of mlp, vo, qk"):
+        RegConfig(kind="budget", schedule="topk", units=("heads",))

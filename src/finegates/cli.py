@@ -97,6 +97,10 @@ def train(
         "gates", help="Training method: gates (FineGates), or a baseline: full, bitfit, lora, pst, gmp, magnitude."
     ),
     opt: Optional[list[str]] = typer.Option(None, "--opt", metavar="KEY=VALUE", help=METHOD_OPTIONS_HELP),
+    prune_units: Optional[str] = typer.Option(
+        None, help="Which units the fast recipe may close, comma-separated: mlp (MLP units), vo (V/O head dims), "
+        "qk (Q/K dims or RoPE pairs). Default: mlp, which turns parameters into CPU time best."
+    ),
     pooling: str = typer.Option(
         "auto", help="Which token state the classification head reads: cls, mean, or auto (the pooling the "
         "checkpoint was trained with: mean for sentence-transformers folders such as the default MiniLM)."
@@ -182,6 +186,7 @@ def train(
         train_limit=train_limit, eval_limit=eval_limit, evals_per_epoch=evals_per_epoch, device=device,
         trace_every=trace_every, checkpoint_every=checkpoint_every, skip_nonfinite=skip_nonfinite,
         progress=progress, method_options=_options(opt), distill=distill, pooling=pooling,
+        recipe_options={"reg.units": _split(prune_units)} if prune_units else {},
     )
     result = run_guarded(run_train, cfg)
     _print_result(result)
