@@ -276,6 +276,7 @@ OPTION_CASES = {
     "unknown regularizer": (["--regularizer", "magic"], "regularizer kind must be layer, stg or budget"),
     "missing label column": (["--label-column", "y"], "no column 'y'"),
     "unknown pooling": (["--pooling", "max"], "--pooling must be one of auto, cls, mean, got 'max'"),
+    "unknown prune unit": (["--prune-units", "mlp,heads"], "units must be a non-empty subset of mlp, vo, qk"),
 }
 
 

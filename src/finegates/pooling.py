@@ -14,7 +14,7 @@ one on the task model records the attention mask of the call, one on the block s
 its output. Nothing else changes, so gates, compression, saving and ONNX export are unaffected;
 the choice is recorded in `config.finegates_pooling` so that every loader re-installs it.
 
-Decoders keep HF's last-token pooling (`cls` and `mean` are refused for them).
+Decoders keep HF's last-token pooling: `mean` is refused for them, `cls` and `auto` mean the stock head.
 """
 
 from __future__ import annotations
