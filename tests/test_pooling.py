@@ -76,3 +76,13 @@ def test_auto_reads_the_checkpoint_pooling(tmp_path):
         resolve_pooling("mean", str(tmp_path), decoder=True)
     with pytest.raises(ValueError, match="--pooling must be one of"):
         resolve_pooling("max", str(tmp_path), decoder=False)
+
+
+@torch.no_grad()
+def test_applying_twice_does_not_stack_hooks():
+    b = inputs(seed=6)
+    once = apply_pooling(tiny("bert"), "mean")
+    twice = apply_pooling(apply_pooling(tiny("bert"), "mean"), "mean")
+    assert torch.allclose(once(**b).logits, twice(**b).logits)
+    back = apply_pooling(twice, "cls")
+    assert torch.allclose(back(**b).logits, tiny("bert")(**b).logits)

@@ -93,7 +93,14 @@ class MeanPooling:
 
 
 def apply_pooling(model: nn.Module, pooling: str) -> nn.Module:
-    """Install `pooling` ('cls'/'last': the stock head; 'mean': MeanPooling) and record it in the config."""
+    """Install `pooling` ('cls'/'last': the stock head; 'mean': MeanPooling) and record it in the config.
+
+    Calling it again replaces what an earlier call installed (hooks never stack).
+    """
+    old = getattr(model, "_finegates_pooling", None)
+    if old is not None:
+        old.remove()
+        del model._finegates_pooling
     if pooling == "mean":
         model._finegates_pooling = MeanPooling(model)  # keeps the hooks' state alive with the model
     model.config.finegates_pooling = pooling
