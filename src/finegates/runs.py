@@ -20,7 +20,7 @@ from .gates import GateParam
 from .model import GateConfig, apply_gates
 from .models import load_classifier, load_tokenizer
 
-__all__ = ["RunError", "eval_batches", "eval_examples", "gate_config", "load_run", "read_run_config"]
+__all__ = ["RunError", "eval_batches", "eval_examples", "gate_config", "load_run", "read_run_config", "run_classifier"]
 
 
 def gate_config(run: dict) -> GateConfig:
@@ -37,6 +37,13 @@ def gate_config(run: dict) -> GateConfig:
     return GateConfig(**kwargs)
 
 
+def run_classifier(run: dict) -> nn.Module:
+    """The classifier a run started from (base weights, fresh head, the run's pooling), before its
+    method changed anything. Runs written before `--pooling` existed read [CLS]."""
+    return load_classifier(run["model_location"], run["num_labels"], run.get("regression", False),
+                           run["train"].get("pooling", "cls"))
+
+
 def load_run(run_dir) -> tuple[nn.Module, object, dict]:
     """(gated model in eval mode, tokenizer, run config) of a finished or checkpointed gates run."""
     run_dir = Path(run_dir)
@@ -44,8 +51,7 @@ def load_run(run_dir) -> tuple[nn.Module, object, dict]:
     weights = run_dir / "trainable.safetensors"
     if not weights.is_file():
         raise RunError(f"{run_dir}: no trainable.safetensors (the run never reached an evaluation)")
-    model = load_classifier(run["model_location"], run["num_labels"], run.get("regression", False),
-                            run["train"].get("pooling", "cls"))
+    model = run_classifier(run)
     apply_gates(model, gate_config(run))
     load_trainable(model, weights)  # strict; refuses another base model's gates
     model.run_dir = str(run_dir)

@@ -178,15 +178,14 @@ def load_trained(run_dir: str | Path) -> nn.Module:
     """The trained model of a dense-baseline run (`rebuild: dense`), ready for inference."""
     from safetensors.torch import load_file
 
-    from ..models import load_classifier
+    from ..runs import run_classifier
 
     run_dir = Path(run_dir)
     cfg = json.loads((run_dir / "config.json").read_text())
     mc = cfg.get("method_config") or {}
     if mc.get("rebuild") != "dense":
         raise ValueError(f"{run_dir}: not a dense-baseline run (method {cfg['train']['method']}); use the gates loader")
-    model = load_classifier(cfg["model_location"], cfg["num_labels"], cfg["regression"],
-                            cfg["train"].get("pooling", "cls"))
+    model = run_classifier(cfg)
     state = load_file(str(run_dir / "trainable.safetensors"))
     own = model.state_dict()
     unknown = sorted(k for k in state if k not in own)
