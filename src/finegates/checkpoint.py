@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 
-from .files import read_jsonl, save_tensors, save_torch, write_jsonl
+from .files import read_json, read_jsonl, save_tensors, save_torch, write_jsonl
 from .model import gate_state_dict, load_gate_state_dict
 
 FORMAT_VERSION = 1  # of config.json, trainable.safetensors and checkpoint/state.pt
@@ -53,10 +53,7 @@ def read_run_config(run_dir: Path) -> dict:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise RunError(f"{run_dir}: not a run directory (no config.json)")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RunError(f"{path}: not valid JSON ({e})") from None
+    cfg = read_json(path, RunError)
     if not isinstance(cfg, dict) or not isinstance(cfg.get("train"), dict):
         raise RunError(f"{path}: not a finegates run config (no 'train' section)")
     check_version(cfg.get("format_version", 1), path)

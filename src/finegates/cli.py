@@ -350,6 +350,65 @@ def eval_(
     typer.echo(json.dumps(result, indent=2))
 
 
+@app.command()
+def pretrain(
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory to write (an lm run: compress/eval read it)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run from its checkpoint."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Model config JSON (e.g. configs/small-llama.json)."),
+    text_files: Optional[str] = typer.Option(None, help="Training text files, comma-separated."),
+    valid_text_file: Optional[Path] = typer.Option(None, help="Validation text (perplexity every --eval-every steps)."),
+    test_text_file: Optional[Path] = typer.Option(None, help="Test text (perplexity at the end)."),
+    tokenizer: Optional[Path] = typer.Option(None, help="Existing tokenizer folder. Default: train a BPE on the text."),
+    vocab_size: int = typer.Option(8192, help="BPE vocabulary size when training the tokenizer."),
+    mode: str = typer.Option("gated", help="gated (weights + gates, penalty to --sparsity) or dense (no gates)."),
+    match_params: Optional[int] = typer.Option(None, help="dense: shrink intermediate_size to about N parameters."),
+    sparsity: float = typer.Option(0.4, help="gated: target fraction of block linear parameters removed, in [0, 1)."),
+    lam: float = typer.Option(100.0, help="gated: penalty weight lambda."),
+    reg_start_step: Optional[int] = typer.Option(None, help="gated: step the penalty starts at. Default: 20% of steps."),
+    ramp_steps: Optional[int] = typer.Option(None, help="gated: steps the target ramps over. Default: 50% of steps."),
+    max_steps: int = typer.Option(1000, help="Optimizer steps."),
+    batch_size: int = typer.Option(32, help="Blocks per step."),
+    block_size: int = typer.Option(256, help="Tokens per block."),
+    lr: float = typer.Option(1e-3, help="Peak learning rate of the weights (cosine schedule)."),
+    gate_lr: float = typer.Option(1e-2, help="gated: learning rate of the gates."),
+    warmup_steps: int = typer.Option(100, help="Linear learning-rate warm-up steps."),
+    eval_every: int = typer.Option(100, help="Validation perplexity every N steps."),
+    eval_tokens: Optional[int] = typer.Option(None, help="Validate on the first N tokens only."),
+    time_limit_s: Optional[float] = typer.Option(None, help="Stop training after N seconds (then evaluate and save)."),
+    save_dtype: str = typer.Option("float32", help="float32 or bfloat16 (weights rounded to bf16 before the final eval)."),
+    seed: int = typer.Option(0, help="Random seed."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Train a small decoder from scratch, with gates (sparse pretraining) or dense.
+
+    Example: finegates pretrain --config configs/small-llama.json --text-files wiki.train.tokens
+    --valid-text-file wiki.valid.tokens --test-text-file wiki.test.tokens --sparsity 0.4 --out runs/pt
+    """
+    _quiet_transformers()
+    from .pretrain import PretrainConfig, config_from_run, pretrain as run_pretrain
+
+    if resume is not None:
+        result = run_guarded(run_pretrain, run_guarded(config_from_run, resume), resume=True)
+    else:
+        if out is None or config is None:
+            fail("give --out RUN_DIR and --config MODEL.json (or --resume RUN_DIR)")
+        cfg = run_guarded(
+            PretrainConfig, out=out, model_config=config, text_files=_split(text_files), valid_text_file=valid_text_file,
+            test_text_file=test_text_file, tokenizer=tokenizer, vocab_size=vocab_size, mode=mode,
+            match_params=match_params, sparsity=sparsity, lam=lam, reg_start_step=reg_start_step, ramp_steps=ramp_steps,
+            max_steps=max_steps, batch_size=batch_size, block_size=block_size, lr=lr, gate_lr=gate_lr,
+            warmup_steps=warmup_steps, eval_every=eval_every, eval_tokens=eval_tokens, time_limit_s=time_limit_s,
+            save_dtype=save_dtype, seed=seed, device=device, progress=progress,
+        )
+        result = run_guarded(run_pretrain, cfg)
+    test = f", test perplexity {result['test_perplexity']:.3f}" if result.get("test_perplexity") else ""
+    removed = f", {100 * result['removed_fraction']:.1f}% of block linear params removable" \
+        if "removed_fraction" in result else ""
+    typer.echo(f"pretrain {result['mode']}: {result['steps']} steps, {result['params']:,} params, "
+               f"valid perplexity {result['perplexity']:.3f}{test}{removed}")
+
+
 models_app = typer.Typer(no_args_is_help=True, help="Models that ship inside PyPI packages (GGUF): prepare them once.")
 app.add_typer(models_app, name="models")
 
@@ -359,6 +418,7 @@ def models_prepare(
     name: str = typer.Argument(..., help="Packaged model to convert: smollm2."),
     cache_dir: Optional[Path] = typer.Option(None, help="Cache root. Default: $FINEGATES_CACHE or ~/.cache/finegates."),
     force: bool = typer.Option(False, help="Convert again even if a prepared folder exists."),
+    gguf: Optional[Path] = typer.Option(None, help="Convert this GGUF file instead of the installed package's."),
 ) -> None:
     """Convert a packaged GGUF model to a float safetensors folder (once); print its path.
 
@@ -368,7 +428,7 @@ def models_prepare(
     from .prepare import PrepareError, prepare
 
     try:
-        folder = prepare(name, cache_dir, force=force, log=lambda m: typer.echo(m, err=True))
+        folder = prepare(name, cache_dir, force=force, log=lambda m: typer.echo(m, err=True), gguf=gguf)
     except PrepareError as e:
         fail(str(e))
     typer.echo(str(folder))

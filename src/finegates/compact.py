@@ -102,8 +102,10 @@ def _spread_index(rows: list[tuple[int, int]], width: int, n_blocks: int) -> tor
     return idx
 
 
-def _identity_or(idx: torch.Tensor) -> torch.Tensor | None:
-    return None if idx.numel() and torch.equal(idx, torch.arange(idx.numel())) else idx
+def _identity_or(idx: torch.Tensor, n_rows: int) -> torch.Tensor | None:
+    """None where the spread is the identity. The pad index is `n_rows`, so an index that reads
+    0..n-1 with n_rows == n - 1 pads its last slot (e.g. only the last V dim deleted): not identity."""
+    return None if idx.numel() == n_rows and torch.equal(idx, torch.arange(idx.numel())) else idx
 
 
 def spread_indices(lay: AttnLayout) -> dict[str, torch.Tensor | None]:
@@ -116,8 +118,8 @@ def spread_indices(lay: AttnLayout) -> dict[str, torch.Tensor | None]:
     k = [(g, qk[g][j]) for g in range(G) for j in lay.k_dims[g]]
     v = [(g, vs[g][j]) for g in range(G) for j in lay.v_dims[g]]
     o = [(h, vs[lay.head_group[h]][j]) for h in range(H) for j in lay.o_dims[h]]
-    return {"q": _identity_or(_spread_index(q, qkw, H)), "k": _identity_or(_spread_index(k, qkw, G)),
-            "v": _identity_or(_spread_index(v, vw, G)), "o": _identity_or(_spread_index(o, vw, H))}
+    return {"q": _identity_or(_spread_index(q, qkw, H), len(q)), "k": _identity_or(_spread_index(k, qkw, G), len(k)),
+            "v": _identity_or(_spread_index(v, vw, G), len(v)), "o": _identity_or(_spread_index(o, vw, H), len(o))}
 
 
 class PaddedLinear(nn.Linear):

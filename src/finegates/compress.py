@@ -390,8 +390,10 @@ def compress_run(run_dir, out_dir, limit: int = 64) -> dict:
 
     Returns the report (also written to OUT_DIR/compress_report.json).
     """
-    from .runs import eval_batches, load_run
+    from .runs import eval_batches, load_run, read_run_config
 
+    if read_run_config(Path(run_dir)).get("objective") == "lm":  # decoders: LM runs (lm.py, pretrain.py)
+        from .lm import eval_batches, load_lm_run as load_run
     gated, tokenizer, run = load_run(run_dir)
     batches = eval_batches(run_dir, tokenizer, limit)
     before = logits(gated, batches)

@@ -64,6 +64,17 @@ def save_torch(path: Path, obj) -> Path:
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+def read_json(path: Path, error: type[Exception] = ValueError, missing: str = "file not found"):
+    """PATH parsed as JSON; a missing file or bad JSON raises `error` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{missing}: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+
+
 def read_jsonl(path: Path) -> list[dict]:
     out = []
     for line in Path(path).read_text(encoding="utf-8").splitlines():

@@ -71,6 +71,7 @@ class LMConfig:
     max_steps: int | None = field(default=None, metadata={"help": "Stop after this many steps."})
     batch_size: int = field(default=8, metadata={"help": "Blocks per training step."})
     eval_batch_size: int = field(default=8, metadata={"help": "Windows per evaluation forward pass."})
+    eval_amp: bool = field(default=True, metadata={"help": "GPU: evaluate under bf16 autocast (False: fp32)."})
     schedule: str = field(default="cosine", metadata={"help": "Learning-rate schedule: cosine or constant."})
     warmup_steps: int = field(default=0, metadata={"help": "Linear learning-rate warm-up steps."})
     lr: float | None = field(default=None, metadata={"help": "Gate learning rate; default per recipe."})
@@ -178,8 +179,10 @@ def _device_of(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def perplexity(model: nn.Module, ids: torch.Tensor, window: int = 512, stride: int = 256,
-               batch_size: int = 8, progress: bool = False) -> dict:
-    """Sliding-window perplexity of a causal LM on a token stream (see the module docstring)."""
+               batch_size: int = 8, progress: bool = False, amp: bool = True) -> dict:
+    """Sliding-window perplexity of a causal LM on a token stream (see the module docstring).
+
+    `amp`: on a GPU, run under bf16 autocast (False: fp32, as on CPU)."""
     ids = ids.flatten()
     if ids.numel() < 2:
         raise LMDataError("perplexity needs at least 2 tokens")
@@ -191,7 +194,7 @@ def perplexity(model: nn.Module, ids: torch.Tensor, window: int = 512, stride: i
     groups = _same_length_batches(spans, batch_size)
     for group in tqdm(groups, desc="perplexity", leave=False, disable=not progress):
         x = torch.stack([ids[b:e] for b, e, _ in group]).to(device)
-        with _autocast(device):
+        with _autocast(device, amp):
             logits = model(input_ids=x, use_cache=False).logits
         for row, (b, e, s) in enumerate(group):
             # logits at position t predict token t+1: positions s..e-1 from logits s-1..e-2
@@ -213,8 +216,8 @@ def _same_length_batches(spans, batch_size: int):
     return groups + [cur] if cur else groups
 
 
-def _autocast(device: torch.device):
-    if device.type == "cuda":
+def _autocast(device: torch.device, enabled: bool = True):
+    if device.type == "cuda" and enabled:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
 
@@ -360,7 +363,9 @@ def train_lm(cfg: LMConfig) -> dict:
     total = math.ceil(cfg.epochs * per_epoch)
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
-    ppl = lambda: perplexity(model, eval_stream, cfg.window, cfg.stride, cfg.eval_batch_size, cfg.progress)  # noqa: E731
+    def ppl() -> dict:
+        return perplexity(model, eval_stream, cfg.window, cfg.stride, cfg.eval_batch_size, cfg.progress, cfg.eval_amp)
+
     dense = ppl() if cfg.eval_dense else None
 
     method = get_method(cfg.method)

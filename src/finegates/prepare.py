@@ -12,11 +12,13 @@ The folder is built in a temporary directory next to its final place and renamed
 so an interrupted conversion never leaves a folder that looks complete.
 
     finegates models prepare smollm2            # -> ~/.cache/finegates/smollm2
+    finegates models prepare smollm2 --gguf F   # from a GGUF file given by path (no package needed)
     finegates train --model smollm2 ...         # prepares on first use
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata as md
 import json
 import os
@@ -96,6 +98,25 @@ def find_gguf(name: str) -> Path:
     return path
 
 
+def explicit_gguf(path: str | os.PathLike) -> Path:
+    """A GGUF file named by path (`--gguf`): it must exist and start with the GGUF magic."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise PrepareError(f"GGUF file not found: {p}")
+    with open(p, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise PrepareError(f"{p}: not a GGUF file (no GGUF magic at its start)")
+    return p
+
+
+def sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
 def is_complete(folder: Path) -> bool:
     return (folder / MARKER).is_file() and (folder / "config.json").is_file()
 
@@ -133,13 +154,19 @@ def convert_gguf(gguf: Path, out: Path, dtype: str = "float32") -> dict:
     return {"seconds": round(time.perf_counter() - t0, 1), "params": sum(p.numel() for p in model.parameters())}
 
 
-def prepare(name: str, cache_dir: str | os.PathLike | None = None, force: bool = False, log=None) -> Path:
-    """The prepared float folder of packaged model `name`, converting it on first use."""
+def prepare(name: str, cache_dir: str | os.PathLike | None = None, force: bool = False, log=None,
+            gguf: str | os.PathLike | None = None) -> Path:
+    """The prepared float folder of packaged model `name`, converting it on first use.
+
+    `gguf`: convert this file instead of the one inside the installed package (a machine where
+    the package cannot be installed, e.g. one the file was copied to). It must be the same model.
+    """
     spec = _spec(name)
     folder = cache_root(cache_dir) / spec.name
+    source = explicit_gguf(gguf) if gguf is not None else None
     if is_complete(folder) and not force:
         return folder
-    gguf = find_gguf(spec.name)
+    gguf = source or find_gguf(spec.name)
     if log:
         log(f"preparing {spec.name}: converting {gguf.name} to a float safetensors folder in {folder} (once)")
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -147,10 +174,13 @@ def prepare(name: str, cache_dir: str | os.PathLike | None = None, force: bool =
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model cache is not secret
     try:
         info = convert_gguf(gguf, tmp)
-        version = md.version(spec.distribution)
+        try:
+            distribution = f"{spec.distribution}=={md.version(spec.distribution)}" if source is None else None
+        except md.PackageNotFoundError:
+            distribution = None
         (tmp / MARKER).write_text(json.dumps({
             "name": spec.name, "description": spec.description, "source": str(gguf),
-            "distribution": f"{spec.distribution}=={version}", **info,
+            "gguf_sha256": sha256(gguf), "distribution": distribution or "explicit GGUF file", **info,
         }, indent=2) + "\n")
         if folder.exists():  # stale, incomplete, or forced: replace it
             shutil.rmtree(folder, ignore_errors=True)

@@ -109,7 +109,7 @@ def _row_norms(m: GatedLinear | None, side: str) -> torch.Tensor | None:
     if m is None:
         return None
     w = m.base.weight.detach().float()
-    return w.norm(dim=1) if side == "rows" else w.norm(dim=0)
+    return (w.norm(dim=1) if side == "rows" else w.norm(dim=0)).cpu()  # selection runs on CPU
 
 
 def _block_units(i: int, gated: dict[str, GatedLinear], lay: BlockLayout) -> list[_Units]:
@@ -154,12 +154,76 @@ def _open_masks(closed: dict[str, torch.Tensor], lay: BlockLayout, gated: dict[s
     return out
 
 
-def prune_structured(model: nn.Module, sparsity: float, allocation: str = "uniform") -> float:
-    """Close the lowest-norm units of a gated model until `sparsity` of the blocks' linear
+# ---- Wanda-style structured criterion (weight norm x input activation norm) -----------------------
+@torch.no_grad()
+def activation_norms(model: nn.Module, batches, autocast: bool = False) -> dict[tuple[int, str], torch.Tensor]:
+    """Per gated layer (block, role), the L2 norm over calibration tokens of what the Wanda
+    criterion reads: the *inputs* of `o` and `down` (per column) and the *outputs* of `q` and `k`
+    (per row). `batches`: model inputs (dicts); the model must be gated with all gates open."""
+    sums: dict[tuple[int, str], torch.Tensor] = {}
+    handles = []
+
+    def hook(key, side):
+        def f(module, args, output):
+            x = (args[0] if side == "in" else output).detach().float()
+            sq = x.pow(2).reshape(-1, x.shape[-1]).sum(0)
+            sums[key] = sums[key] + sq if key in sums else sq
+        return f
+
+    for m in model.modules():
+        if isinstance(m, GatedLinear) and m.role in ("o", "down", "q", "k"):
+            handles.append(m.register_forward_hook(hook((m.layer, m.role), "in" if m.role in ("o", "down") else "out")))
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for b in batches:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast and device.type == "cuda"):
+                model(**{k: v.to(device) for k, v in b.items()}, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {k: v.sqrt().cpu() for k, v in sums.items()}
+
+
+def _wanda_units(i: int, gated: dict[str, GatedLinear], lay: BlockLayout,
+                 norms: dict[tuple[int, str], torch.Tensor]) -> list[_Units]:
+    """Wanda-style scores of a block's units (structured: one score per deletable unit):
+      MLP unit j      ||down col j|| * ||input of down at j||
+      V/O dim (h, j)  ||o col (h, j)|| * ||input of o at (h, j)||
+      Q/K dim (h, j)  ||q output at (h, j)|| * ||k output at (g(h), j)||  (RoPE: per pair)
+    """
+    H, G, D = lay.n_heads, lay.n_kv_heads, lay.head_dim
+    col = lambda role: gated[role].base.weight.detach().float().norm(dim=0).cpu()
+    units = []
+    if "up" in gated and "down" in gated and (i, "down") in norms:
+        units.append(_Units(i, "mlp", col("down") * norms[(i, "down")]))
+    if "o" in gated and (i, "o") in norms:
+        units.append(_Units(i, "vo", col("o") * norms[(i, "o")]))
+    if "q" in gated and (i, "q") in norms and (i, "k") in norms:
+        to_group = torch.arange(H) // lay.group
+        q, k = norms[(i, "q")].view(H, D), norms[(i, "k")].view(G, D)[to_group]
+        if lay.rope:
+            half = D // 2
+            pair = lambda x: (x[:, :half] ** 2 + x[:, half:] ** 2).sqrt()
+            units.append(_Units(i, "qk", (pair(q) * pair(k)).flatten()))
+        else:
+            units.append(_Units(i, "qk", (q * k).flatten()))
+    return units
+
+
+def prune_structured(model: nn.Module, sparsity: float, allocation: str = "uniform",
+                     act_norms: dict[tuple[int, str], torch.Tensor] | None = None) -> float:
+    """Close the lowest-scoring units of a gated model until `sparsity` of the blocks' linear
     parameters would be removed; returns the removed fraction reached (>= sparsity, the least
-    number of units that gets there)."""
+    number of units that gets there). Scores: weight norms (magnitude), or with `act_norms`
+    (from `activation_norms`) the Wanda-style weight x activation criterion."""
     layout = Regularizer._collect_blocks(model)
-    units = [u for i, (lay, gated) in enumerate(layout) for u in _block_units(i, gated, lay)]
+    if act_norms is None:
+        units = [u for i, (lay, gated) in enumerate(layout) for u in _block_units(i, gated, lay)]
+    else:
+        units = [u for i, (lay, gated) in enumerate(layout) for u in _wanda_units(i, gated, lay, act_norms)]
     if not units:
         raise ValueError("magnitude: no closable units (gate q, o or up layers)")
     order = _priority_order(units, allocation)  # (unit list index, position) lowest first

@@ -1,0 +1,65 @@
+"""The GLUE benchmark's bookkeeping: which runs it schedules first and which lr it reports.
+
+These decide what a cut-short grid still shows and whether the table is tuned fairly, so they
+are tested like library code (no training here).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.glue import build_jobs, select  # noqa: E402
+
+CFG = {
+    "seeds": [0, 1, 2],
+    "defaults": {"batch_size": 16},
+    "tasks": {"mrpc": {"epochs": 10}, "sst2": {"epochs": 2, "seeds": [0]}},
+    "methods": {
+        "full": {"method": "full", "lrs": [2e-5, 5e-5]},
+        "sweep": {"method": "gates", "sparsity": 0.2, "lrs": [0.01], "tasks": ["mrpc"], "seeds": [0]},
+    },
+}
+
+
+def test_jobs_respect_task_and_method_seeds_and_tasks():
+    jobs = build_jobs(CFG, Path("out"), None, Path("glue"))
+    names = {j["out"] for j in jobs}
+    assert "out/full/lr2e-05/sst2-s0" in names and "out/full/lr2e-05/sst2-s1" not in names
+    assert "out/sweep/lr0.01/mrpc-s0" in names and "out/sweep/lr0.01/sst2-s0" not in names
+    assert "out/sweep/lr0.01/mrpc-s1" not in names
+    assert len(jobs) == 2 * (3 + 1) + 1
+    sweep = next(j for j in jobs if j["out"] == "out/sweep/lr0.01/mrpc-s0")
+    assert sweep["sparsity"] == 0.2 and sweep["lr"] == 0.01 and sweep["data_dir"] == "glue/MRPC"
+    assert "lrs" not in sweep and "tasks" not in sweep and "seeds" not in sweep
+
+
+def test_seed_zero_first_and_leading_lr_before_the_others():
+    jobs = build_jobs(CFG, Path("out"), None, Path("glue"), leading={"full": {"mrpc": "5e-05"}})
+    prio = {j["out"]: j["_priority"] for j in jobs}
+    assert prio["out/full/lr5e-05/mrpc-s1"] < prio["out/full/lr2e-05/mrpc-s1"] < prio["out/full/lr5e-05/mrpc-s2"]
+    assert max(p for o, p in prio.items() if o.endswith("-s0")) < min(p for o, p in prio.items() if o.endswith("-s1"))
+
+
+def _row(lr: str, seed: int, score: float) -> dict:
+    return {"method": "full", "task": "mrpc", "lr": lr, "seed": seed, "score": score}
+
+
+def test_select_compares_lrs_on_shared_seeds_and_keeps_all_seeds_of_the_winner():
+    rows = [_row("2e-05", 0, 0.80), _row("2e-05", 1, 0.80),
+            _row("5e-05", 0, 0.79), _row("5e-05", 1, 0.79), _row("5e-05", 2, 0.99)]
+    chosen = select(rows)  # seed 2 ran only for 5e-05: it must not decide the lr
+    assert {r["lr"] for r in chosen} == {"2e-05"}
+    assert len(chosen) == 2 and chosen[0]["lr_chosen_on_seeds"] == [0, 1]
+    rows[0]["score"] = 0.70
+    chosen = select(rows)
+    assert {r["lr"] for r in chosen} == {"5e-05"} and len(chosen) == 3
+
+
+@pytest.mark.parametrize("bad", [{"tasks": {"nope": {}}}])
+def test_unknown_task_is_an_error(bad):
+    with pytest.raises(KeyError):
+        build_jobs({**CFG, **bad}, Path("out"), None, Path("glue"))
