@@ -1,8 +1,11 @@
 """The GLUE benchmark: FineGates vs every baseline on MiniLM-L6, methods x tasks x seeds x lr grid.
 
-    # 1. train, on the GPU (device tool; carry .carry from ../shared/tools/pack-for-device), resumable:
+    # 1. train, on the GPU (device tool; carry .carry from ../shared/tools/pack-for-device), resumable;
+    #    each device command (<= 10 min) goes on where the last stopped (carry back runs/glue's
+    #    metrics.json files when the machine went cold; --leading puts the leading lrs first):
+    nvidia-cuda-mps-control -d   # many small trainings share the GPU well under MPS
     python -m benchmarks.glue run --config benchmarks/glue.json --out runs/glue \
-        --model .carry/minilm --glue .carry/glue --parallel 12 --deadline 500
+        --model .carry/minilm --glue .carry/glue --parallel 24 --deadline 450 --kill 535
     # 2. here, on the CPU, from the run directories brought back: pick each method's lr on dev,
     #    compress what can be compressed, time dense vs compressed, write the results and the table:
     python -m benchmarks.glue report --runs runs/glue
@@ -101,6 +104,7 @@ def measure(rows: list[dict], threads: int, runs: int) -> None:
     each method and task against the dense model on the CPU. Results are cached in the run dir."""
     from finegates.bench import BenchConfig, bench
     from finegates.compress import compress_run
+    from finegates.files import write_json
 
     todo = [r for r in rows if r["structured"]]
     for i, r in enumerate(todo):
@@ -115,8 +119,8 @@ def measure(rows: list[dict], threads: int, runs: int) -> None:
         timing_file = run_dir / "latency.json"
         if not timing_file.is_file():
             t = bench(out, run_dir, BenchConfig(threads=threads, runs=runs, warmup=3, memory=False))
-            timing_file.write_text(json.dumps({k: t[k] for k in ("latency_ms_dense", "latency_ms_compressed",
-                                                                 "latency_ratio", "settings", "machine", "load_avg")}))
+            write_json(timing_file, {k: t[k] for k in ("latency_ms_dense", "latency_ms_compressed",
+                                                       "latency_ratio", "settings", "machine", "load_avg")})
         t = json.loads(timing_file.read_text())
         r.update(latency_ratio=t["latency_ratio"], latency_ms_dense=t["latency_ms_dense"],
                  latency_ms_compressed=t["latency_ms_compressed"])
