@@ -90,6 +90,21 @@ def test_gated_run_closes_gates_and_compresses_exactly(gated_run, data, tmp_path
     assert ppl_small["perplexity"] == pytest.approx(ppl_run["perplexity"], rel=1e-5)
 
 
+def test_a_moved_run_still_loads_and_evaluates(gated_run, data, tmp_path):
+    import shutil
+
+    out, m = gated_run
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.copytree(out, moved)
+    hidden = out.with_name("hidden")
+    out.rename(hidden)  # the original place is gone: the copy must not reach back to it
+    try:
+        ppl = lm.evaluate_path(moved, data["test"], m["window"], m["stride"], device="cpu")
+    finally:
+        hidden.rename(out)
+    assert ppl["kind"] == "gated run" and ppl["perplexity"] == pytest.approx(m["test_perplexity"], rel=1e-6)
+
+
 def test_resume_after_interruption_gives_the_same_run(gated_run, data, tmp_path, monkeypatch):
     reference, _ = gated_run
     out = tmp_path / "run"

@@ -268,11 +268,19 @@ def load_lm_run(run_dir) -> tuple[nn.Module, object, dict]:
     weights = run_dir / "trainable.safetensors"
     if not weights.is_file():
         raise RunError(f"{run_dir}: no trainable.safetensors (the run never reached an evaluation)")
-    model = load_causal_lm(run["model_location"])
+    location = run_location(run_dir, run["model_location"])
+    model = load_causal_lm(location)
     apply_gates(model, gate_config(run))
     load_trainable(model, weights)
     model.run_dir = str(run_dir)
-    return model.eval(), load_tokenizer(run["model_location"]), run
+    return model.eval(), load_tokenizer(location), run
+
+
+def run_location(run_dir: Path, location: str) -> str:
+    """A run's model location; a relative one that names a folder inside the run (pretraining
+    saves its trained model there) is read relative to the run, so a moved run still loads."""
+    inside = Path(run_dir) / location
+    return str(inside) if not Path(location).is_absolute() and inside.is_dir() else location
 
 
 def eval_batches(run_dir, tokenizer, limit: int = 8, length: int | None = None) -> list[dict[str, torch.Tensor]]:

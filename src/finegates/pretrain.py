@@ -31,13 +31,14 @@ Penalty off for the first `reg_start_step` steps (default 20%), ramp over `ramp_
 cosine schedule with linear warm-up. bf16 autocast on CUDA, fp32 on CPU.
 
 RUN_DIR (an lm run: `finegates compress`, `finegates eval`, `lm.load_lm_run` read it):
-  config.json            "objective": "lm", "model_location": RUN_DIR/model, method_config.gate
+  config.json            "objective": "lm", "model_location": "model" (RUN_DIR/model), method_config.gate
   model/                 HF folder: tokenizer (written first), config.json + weights (written last)
   trainable.safetensors  the gates (gated mode), tagged with the trained model's fingerprint
   metrics.jsonl          validation perplexity every `eval_every` steps
   checkpoint/state.pt    weights + gates + optimizer + step + data order + RNG (resume), removed at the end
   metrics.json           final: valid/test perplexity, params, removed fraction; "complete": true
-A moved run directory (e.g. copied back from the GPU machine) needs `relocate(run_dir)`.
+A moved run directory loads as it is (its model folder is named relative to it); to resume it or
+compress it elsewhere, `relocate(run_dir, data_dir)` points its text files at their new place.
 """
 
 from __future__ import annotations
@@ -369,7 +370,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
         write_json(out / "config.json", {
             "format_version": FORMAT_VERSION, "objective": "lm", "task": "lm",
             "train": {**asdict(cfg), "method": f"pretrain-{cfg.mode}", "eval_text_file": cfg.valid_text_file},
-            "model_location": str((out / "model").resolve()), "method_config": method_config,
+            "model_location": "model", "method_config": method_config,  # relative: the run's own folder
             "model_config": config.to_dict(), "train_tokens": int(blocks_.numel()), "versions": _versions(),
         })
 
