@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from benchmarks.report import git_commit, write_results
+from benchmarks.runner import job_env
 
 CASES = (("gates", 64), ("lora", 64), ("full", 64), ("gates", 256), ("full", 256))
 TRAIN = ["--task", "sst2", "--epochs", "1", "--max-length", "64", "--seed", "0",
@@ -29,8 +29,7 @@ LAUNCH_2 = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes"
 
 
 def cmd_run(args) -> None:
-    env = {**os.environ, "PYTHONPATH": str(Path("src").resolve()), "TOKENIZERS_PARALLELISM": "false",
-           "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+    env = job_env(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
     for method, batch in CASES:
         for gpus in (1, 2):
             out = Path(args.out) / f"{method}-b{batch}-g{gpus}"

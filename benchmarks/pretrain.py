@@ -34,13 +34,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import subprocess
 import sys
 import tarfile
 import time
 from pathlib import Path
+
+from benchmarks.runner import job_env, quiet
 
 PART_BYTES = 15 * 2**20
 RUNS = ("dense", "gated", "small")
@@ -53,11 +54,7 @@ def run_one(cfg_json: str) -> None:
     import torch
 
     torch.set_num_threads(4 if torch.cuda.is_available() else 1)  # two processes share the CPU too
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    quiet()
     from finegates.pretrain import PretrainConfig, pretrain
 
     cfg = PretrainConfig(**json.loads(cfg_json))
@@ -66,7 +63,7 @@ def run_one(cfg_json: str) -> None:
 
 def _launch(jobs: dict[str, dict], log_dir: Path, kill_at: float) -> dict[str, int]:
     """Run the jobs as concurrent processes; kill any still running at `kill_at` (time.time())."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path("src").resolve()), str(Path(".").resolve())])}
+    env = job_env()
     log_dir.mkdir(parents=True, exist_ok=True)
     procs = {name: subprocess.Popen([sys.executable, "-m", "benchmarks.pretrain", "one", json.dumps(job)],
                                     stdout=open(log_dir / f"{name}.log", "w"), stderr=subprocess.STDOUT, env=env)

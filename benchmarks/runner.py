@@ -15,15 +15,31 @@ import sys
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def job_env(**extra: str) -> dict:
+    """The environment of a benchmark's child process: finegates from this checkout's src/ (the GPU
+    machine has no install) and the `benchmarks` package importable, whatever the working dir."""
+    path = [str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p), "TOKENIZERS_PARALLELISM": "false",
+            **extra}
+
+
+def quiet() -> None:
+    """No transformers warnings or progress bars in a benchmark process's log."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
 
 def run_one(cfg_json: str) -> None:
     import torch
 
     torch.set_num_threads(1)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
-
-    transformers.logging.set_verbosity_error()
+    quiet()
     from finegates.train import TrainConfig, train
 
     cfg = TrainConfig(**json.loads(cfg_json))
@@ -39,7 +55,7 @@ def run_grid(jobs: list[dict], parallel: int, deadline_s: float, log_dir: Path, 
     todo.sort(key=lambda j: (j.pop("_priority", 0), -j.pop("_cost", 1)))
     kill_s = deadline_s if kill_s is None else max(kill_s, deadline_s)
     start, running, done, failed = time.time(), [], 0, []
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path("src").resolve()), str(Path(".").resolve())])}
+    env = job_env()
     while todo or running:
         while todo and len(running) < parallel and time.time() - start < deadline_s:
             job = todo.pop(0)

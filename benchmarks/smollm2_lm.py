@@ -40,6 +40,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script (`python3 benchmarks/smollm2_lm.py`): make `benchmarks` importable
+    sys.path.insert(0, str(ROOT))
+from benchmarks.runner import job_env, quiet  # noqa: E402
+
 PACK1, PACK2 = ROOT / ".smol1", ROOT / ".smol2"
 DATA_HERE = Path(os.environ.get("FINEGATES_DATA", ROOT.parent / "shared" / "data")) / "wikitext-2-raw"
 TRAIN_FILE, TEST_FILE = "wiki.valid.raw", "wiki.test.raw"
@@ -166,16 +170,7 @@ def _convert(gguf: Path, cache: Path) -> Path:
 
 
 def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")]),
-            "TOKENIZERS_PARALLELISM": "false", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
-
-
-def _quiet() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    return job_env(PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
 
 
 def _ppl(model, ids, prefix: int = PREFIX) -> dict:
@@ -298,7 +293,7 @@ def cmd_gpu(args) -> None:
     (work / "runs").mkdir(parents=True)
     if not args.model:
         _install_gguf(work / "site")  # before transformers is imported: it looks for gguf once, at import
-    _quiet()
+    quiet()
     import torch
 
     out.mkdir(parents=True, exist_ok=True)
@@ -450,7 +445,7 @@ def _calibrate(job: dict, cfg, blocks_) -> float:
 def cmd_worker(job_json: str) -> None:
     job = json.loads(job_json)
     sys.path.insert(0, str(ROOT / "src"))
-    _quiet()
+    quiet()
     import torch
 
     torch.set_num_threads(2)
@@ -515,7 +510,7 @@ def _rebuild(run_dir: Path, folder: str):
 
 def cmd_bench_one(args) -> None:
     sys.path.insert(0, str(ROOT / "src"))
-    _quiet()
+    quiet()
     import torch
 
     torch.set_num_threads(args.threads)
@@ -547,21 +542,15 @@ def _faster(a: dict, b: dict) -> dict:
 
 
 def _machine() -> dict:
-    import platform
+    from finegates.bench import machine_info
 
-    cpu = ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "load_average": os.getloadavg()}
+    return {**machine_info(), "load_average": os.getloadavg()}
 
 
 def cmd_report(args) -> None:
     sys.path.insert(0, str(ROOT / "src"))
     sys.path.insert(0, str(ROOT))
-    _quiet()
+    quiet()
     import torch
 
     torch.set_num_threads(args.threads)

@@ -300,7 +300,7 @@ def relocate(run_dir, data_dir: Path | None = None) -> dict:
     text files that are not where they were). Returns the updated config."""
     run_dir = Path(run_dir).resolve()
     run = read_run_config(run_dir)
-    run["model_location"] = str(run_dir / "model")
+    run["model_location"] = "model"  # relative to the run (lm.run_location); older runs held an absolute path
     for key in ("text_files", "valid_text_file", "test_text_file", "eval_text_file"):
         value = run["train"].get(key)
         if data_dir is None or value is None:
