@@ -612,8 +612,8 @@ def cmd_report(args) -> None:
         rows.append(row)
         log(f"{e['name']}: logit diff {diff:.2e}, decode {row['bench']['decode_ms_per_token']['median']:.1f} ms/token "
             f"({time.time() - t0:.0f}s)")
-    # The dense model is timed again at the end: the first process of a report ran measurably slower
-    # (cold caches: 576 vs 445 ms prefill, seen once). The table keeps the faster of the two per
+    # The dense model is timed again at the end: on this shared CPU two timings of the same model
+    # differ by up to ~25% (smollm2_lm.json keeps both). The table keeps the faster of the two per
     # column, which can only understate the compressed models' speed-up.
     rows[0]["bench_first"], rows[0]["bench_last"] = rows[0]["bench"], _bench(folder, args, tmp)
     rows[0]["bench"] = _faster(rows[0]["bench_first"], rows[0]["bench_last"])
