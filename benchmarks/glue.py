@@ -30,15 +30,17 @@ def build_jobs(cfg: dict, out: Path, model: str | None, glue: Path, leading: dic
     """Every (method, lr, task, seed) run of the config. Seed 0 of every run comes first, then
     seed 1, ...: a grid cut short by its deadline still has a complete table with fewer seeds.
     `leading` ({method: {task: lr}}, from the seeds run so far) puts each seed's runs at the
-    leading lr before the other lrs of that seed. A method may name its `tasks` and `seeds`; a
-    task its `seeds`."""
+    leading lr before the other lrs of that seed. A method may name its `tasks` and `seeds`, its
+    `task_lrs` ({task: [lr, ...]}, in place of `lrs`), and a `teacher`: another method of the grid
+    whose seed-0 run of the same task it distils from (it starts once that run is complete); a
+    task may name its `seeds`."""
     jobs = []
     for name, m in cfg["methods"].items():
-        method = {k: v for k, v in m.items() if k not in ("lrs", "tasks", "seeds")}
-        for lr in m.get("lrs", [None]):
-            for task, t in cfg["tasks"].items():
-                if task not in m.get("tasks", [task]):
-                    continue
+        method = {k: v for k, v in m.items() if k not in ("lrs", "tasks", "seeds", "task_lrs", "teacher")}
+        for task, t in cfg["tasks"].items():
+            if task not in m.get("tasks", [task]):
+                continue
+            for lr in m.get("task_lrs", {}).get(task, m.get("lrs", [None])):
                 settings = {k: v for k, v in t.items() if k != "seeds"}
                 for seed in m.get("seeds", t.get("seeds", cfg["seeds"])):
                     job = {"out": str(out / name / f"lr{lr}" / f"{task}-s{seed}"), "model": model, "task": task,
@@ -46,11 +48,20 @@ def build_jobs(cfg: dict, out: Path, model: str | None, glue: Path, leading: dic
                            **cfg.get("defaults", {}), **settings, **method}
                     if lr is not None:
                         job["lr"] = lr
+                    if "teacher" in m:
+                        job["teacher"] = job["_after"] = _teacher_dir(cfg, out, m["teacher"], task)
                     behind = leading is not None and str(leading.get(name, {}).get(task, lr)) != str(lr)
                     job["_priority"] = seed + 0.5 * behind
                     job["_cost"] = job.get("epochs", 1) * COST[task]
                     jobs.append(job)
     return jobs
+
+
+def _teacher_dir(cfg: dict, out: Path, teacher: str, task: str) -> str:
+    """The run directory of method `teacher`'s seed-0 run on `task` (its first lr)."""
+    t = cfg["methods"][teacher]
+    lr = t.get("task_lrs", {}).get(task, t.get("lrs", [None]))[0]
+    return str(out / teacher / f"lr{lr}" / f"{task}-s0")
 
 
 def cmd_run(args) -> None:
@@ -117,6 +128,9 @@ def measure(rows: list[dict], threads: int, runs: int) -> None:
         if r["seed"] != min(x["seed"] for x in todo if (x["method"], x["task"]) == (r["method"], r["task"])):
             continue
         timing_file = run_dir / "latency.json"
+        if not timing_file.is_file() and not (out / "model.safetensors").is_file():
+            print(f"{r['method']} {r['task']}: compressed on the GPU machine, weights not brought back: not timed")
+            continue
         if not timing_file.is_file():
             t = bench(out, run_dir, BenchConfig(threads=threads, runs=runs, warmup=3, memory=False))
             write_json(timing_file, {k: t[k] for k in ("latency_ms_dense", "latency_ms_compressed",

@@ -42,14 +42,32 @@ def run_one(cfg_json: str) -> None:
     quiet()
     from finegates.train import TrainConfig, train
 
-    cfg = TrainConfig(**json.loads(cfg_json))
+    job = json.loads(cfg_json)
+    compress = job.pop("_compress", False)
+    cfg = TrainConfig(**job)
     train(cfg, resume=(cfg.out / "checkpoint").is_dir())  # a grid killed at its deadline goes on
+    if compress:  # runs too large to bring back: check the compression here, keep only its report
+        from finegates.compress import WEIGHTS, compress_run
+
+        compress_run(cfg.out, cfg.out / "compressed", limit=64)
+        (cfg.out / "compressed" / WEIGHTS).unlink()
+
+
+def _startable(job: dict, todo: list[dict], running: list) -> bool | None:
+    """Whether `job` may start now: True; False while the run it needs (`_after`) is still to come;
+    None when that run is neither complete nor pending (it failed): the job cannot run."""
+    after = job.get("_after")
+    if after is None or (Path(after) / "metrics.json").exists():
+        return True
+    pending = {j["out"] for j in todo} | {j["out"] for _, j, _ in running}
+    return False if after in pending else None
 
 
 def run_grid(jobs: list[dict], parallel: int, deadline_s: float, log_dir: Path, kill_s: float | None = None) -> dict:
     """Run TrainConfig dicts, `parallel` at a time, in the given order (`_cost`: longest first
     among equal `_priority`); start no new job after `deadline_s`, kill what still runs at `kill_s`
-    (default: the deadline). A killed job resumes from its last checkpoint when run again."""
+    (default: the deadline). A killed job resumes from its last checkpoint when run again. A job
+    with `_after` (a run directory) waits until that run is complete, while later jobs go first."""
     log_dir.mkdir(parents=True, exist_ok=True)
     todo = [j for j in jobs if not (Path(j["out"]) / "metrics.json").exists()]
     todo.sort(key=lambda j: (j.pop("_priority", 0), -j.pop("_cost", 1)))
@@ -58,7 +76,14 @@ def run_grid(jobs: list[dict], parallel: int, deadline_s: float, log_dir: Path, 
     env = job_env()
     while todo or running:
         while todo and len(running) < parallel and time.time() - start < deadline_s:
-            job = todo.pop(0)
+            ready = [(j, _startable(j, todo, running)) for j in todo]
+            failed += [{"out": j["out"], "error": f"needs {j['_after']}, which failed"} for j, ok in ready if ok is None]
+            todo = [j for j, ok in ready if ok is not None]
+            job = next((j for j, ok in ready if ok), None)
+            if job is None:
+                break
+            todo.remove(job)
+            job = {k: v for k, v in job.items() if k != "_after"}
             name = Path(job["out"]).as_posix().replace("/", "_")
             log = open(log_dir / f"{name}.log", "w")
             proc = subprocess.Popen([sys.executable, "-m", "benchmarks.runner", "one", json.dumps(job)],

@@ -63,3 +63,25 @@ def test_select_compares_lrs_on_shared_seeds_and_keeps_all_seeds_of_the_winner()
 def test_unknown_task_is_an_error(bad):
     with pytest.raises(KeyError):
         build_jobs({**CFG, **bad}, Path("out"), None, Path("glue"))
+
+
+def test_teacher_jobs_wait_for_the_teachers_seed_zero_run(tmp_path):
+    cfg = {**CFG, "methods": {
+        "teacher": {"method": "full", "task_lrs": {"mrpc": [2e-5], "sst2": [5e-5]}, "seeds": [0]},
+        "kd": {"method": "gates", "lrs": [0.01], "teacher": "teacher"},
+    }}
+    jobs = build_jobs(cfg, tmp_path, None, Path("glue"))
+    teachers = {j["task"]: j for j in jobs if j["method"] == "full"}
+    assert teachers["sst2"]["lr"] == 5e-5 and teachers["mrpc"]["lr"] == 2e-5 and len(teachers) == 2
+    kd = [j for j in jobs if j["method"] == "gates"]
+    assert len(kd) == 4 and all(j["teacher"] == j["_after"] == teachers[j["task"]]["out"] for j in kd)
+    assert "teacher" not in teachers["mrpc"]
+
+    from benchmarks.runner import _startable
+
+    student = next(j for j in kd if j["task"] == "mrpc")
+    assert _startable(student, [teachers["mrpc"]], []) is False  # its teacher is still to run
+    assert _startable(student, [], []) is None  # the teacher failed: the student cannot run
+    (Path(teachers["mrpc"]["out"]) / "metrics.json").parent.mkdir(parents=True)
+    (Path(teachers["mrpc"]["out"]) / "metrics.json").write_text("{}")
+    assert _startable(student, [], []) is True

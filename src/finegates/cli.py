@@ -126,6 +126,15 @@ def train(
     reg_start_step: Optional[int] = typer.Option(None, help="Step at which the sparsity penalty starts."),
     regularizer: Optional[str] = typer.Option(None, help="Override the recipe's penalty: layer, stg, budget."),
     train_bias: Optional[bool] = typer.Option(None, "--train-bias/--freeze-bias", help="Train biases of gated layers."),
+    train_weights: Optional[bool] = typer.Option(
+        None, "--train-weights/--freeze-weights",
+        help="Also finetune the weights of gated layers (gates over finetuned weights; a larger run file). Default: frozen."),
+    weight_lr: Optional[float] = typer.Option(None, help="With --train-weights: their learning rate. Default: 2e-5."),
+    teacher: Optional[Path] = typer.Option(
+        None, help="Distil logits from a finetuned teacher: a run directory (e.g. --method full), compressed or HF "
+        "model folder with the same tokenizer. Its training-set logits are computed once and cached in its folder."),
+    kd_weight: float = typer.Option(0.5, help="With --teacher: loss = (1 - w) * task loss + w * KD loss."),
+    kd_temperature: float = typer.Option(2.0, help="With --teacher: softmax temperature of the KD loss."),
     seed: int = typer.Option(0, help="Random seed."),
     train_limit: Optional[int] = typer.Option(None, help="Use only the first N training examples."),
     eval_limit: Optional[int] = typer.Option(None, help="Use only the first N evaluation examples."),
@@ -158,9 +167,13 @@ def train(
         return
     if out is None:
         fail("give --out RUN_DIR (or --resume RUN_DIR to continue an interrupted run)")
+    if weight_lr is not None and not train_weights:
+        fail("--weight-lr needs --train-weights (the weights of gated layers are frozen otherwise)")
     if objective == "lm":
         if task or data_dir or train_file or eval_file:
             fail("--objective lm takes --text-files and --eval-text-file, not --task/--data-dir/--train-file")
+        if teacher is not None:
+            fail("--teacher distils a classifier's logits: it works with --objective classify only")
         from .lm import LMConfig, train_lm
 
         lm_cfg = run_guarded(
@@ -170,7 +183,8 @@ def train(
             epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, head_lr=head_lr, lam=lam,
             reg_start_step=reg_start_step, regularizer=regularizer, train_bias=train_bias, seed=seed,
             evals=max(1, round(evals_per_epoch * epochs)), device=device, trace_every=trace_every, progress=progress,
-            method_options=_options(opt), distill=distill,
+            method_options=_options(opt), distill=distill, train_weights=train_weights,
+            recipe_options=_recipe_options(None, weight_lr),
         )
         _print_lm_result(run_guarded(train_lm, lm_cfg))
         return
@@ -186,10 +200,19 @@ def train(
         train_limit=train_limit, eval_limit=eval_limit, evals_per_epoch=evals_per_epoch, device=device,
         trace_every=trace_every, checkpoint_every=checkpoint_every, skip_nonfinite=skip_nonfinite,
         progress=progress, method_options=_options(opt), distill=distill, pooling=pooling,
-        recipe_options={"reg.units": _split(prune_units)} if prune_units else {},
+        recipe_options=_recipe_options(prune_units, weight_lr), train_weights=train_weights,
+        teacher=str(teacher) if teacher is not None else None, kd_weight=kd_weight, kd_temperature=kd_temperature,
     )
     result = run_guarded(run_train, cfg)
     _print_result(result)
+
+
+def _recipe_options(prune_units: str | None, weight_lr: float | None) -> dict:
+    """The `train` options that override a field of the recipe (recipes.py), as dotted paths."""
+    options = {"reg.units": _split(prune_units)} if prune_units else {}
+    if weight_lr is not None:
+        options["weight_lr"] = weight_lr
+    return options
 
 
 def _print_lm_result(result: dict) -> None:

@@ -13,6 +13,7 @@ loop nor the model's forward has to ask for `output_hidden_states`.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -108,3 +109,109 @@ def make_distiller(kind: str, model: nn.Module, weight: float = 1.0) -> SquareHe
     if kind not in DISTILL_KINDS:
         raise ValueError(f"--distill must be one of {', '.join(DISTILL_KINDS)}, got {kind!r}")
     return SquareHead(model, weight) if kind == "squarehead" else None
+
+
+# ---- logit distillation from a finetuned teacher -------------------------------------------------
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, regression: bool) -> torch.Tensor:
+    """Hinton et al. (2015): T^2 * KL(softmax(teacher/T) || softmax(student/T)); MSE for regression.
+
+    The T^2 factor keeps the gradient scale independent of T, so `kd_weight` means the same at any T.
+    """
+    student, teacher = student.float(), teacher.float().detach()
+    if regression:
+        return nn.functional.mse_loss(student.reshape(-1), teacher.reshape(-1))
+    t = temperature
+    log_p = nn.functional.log_softmax(student / t, dim=-1)
+    q = nn.functional.softmax(teacher / t, dim=-1)
+    return nn.functional.kl_div(log_p, q, reduction="batchmean") * t * t
+
+
+class TeacherLogits:
+    """A finetuned teacher's outputs on every training example, and the distillation loss against them.
+
+    The teacher runs once, in eval mode (no dropout), over the training set before training starts;
+    each step then looks its batch up by example index instead of running a second model. That is
+    the same loss as an online eval-mode teacher at a fraction of the cost, and it leaves the GPU
+    memory to the student. The table is cached in the teacher's folder (`teacher_logits/KEY.safetensors`,
+    KEY from the training data, tokenizer and max length), so runs over several seeds pay it once.
+    """
+
+    def __init__(self, logits: torch.Tensor, weight: float, temperature: float, regression: bool) -> None:
+        self.logits = logits
+        self.weight = weight
+        self.temperature = temperature
+        self.regression = regression
+
+    def mix(self, task_loss: torch.Tensor, student_logits: torch.Tensor, idx: list[int]) -> tuple[torch.Tensor, float]:
+        """(1 - w) * task loss + w * KD loss for the batch of training examples `idx`; and the KD loss."""
+        teacher = self.logits[idx].to(student_logits.device)
+        kd = kd_loss(student_logits, teacher, self.temperature, self.regression)
+        return (1.0 - self.weight) * task_loss + self.weight * kd, float(kd.detach())
+
+
+def teacher_logits(teacher: str, data, key: str, num_labels: int, regression: bool, device,
+                   batch_size: int = 128, progress: bool = False) -> torch.Tensor:
+    """The teacher's logits on every example of `data` (train.Encoded), from its cache or computed now."""
+    from safetensors.torch import load_file, save_file
+
+    from .files import atomic_write
+
+    cache = Path(teacher) / "teacher_logits" / f"{key}.safetensors"
+    if cache.is_file():
+        logits = load_file(str(cache))["logits"]
+        if logits.shape[0] == len(data):
+            return logits
+    model = load_teacher(teacher, num_labels, regression, data.tokenizer).to(device)
+    logits = _predict_logits(model, data, batch_size, device, progress)
+    outputs = 1 if regression else num_labels
+    if logits.shape[-1] != outputs:
+        raise ValueError(f"--teacher {teacher}: it outputs {logits.shape[-1]} values per example, this task needs {outputs}")
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(cache, lambda tmp: save_file({"logits": logits.contiguous()}, tmp))
+    except OSError:
+        pass  # a read-only teacher folder: the next run computes the table again
+    return logits
+
+
+def load_teacher(path: str, num_labels: int, regression: bool, tokenizer) -> nn.Module:
+    """A finetuned classifier to distil from: a finegates run or compressed folder, or a HF model folder.
+
+    It must read the same token ids as the student: its tokenizer's vocabulary is checked."""
+    from .bench import load_any
+    from .files import read_json
+    from .models import load_classifier, load_config, load_tokenizer, resolve
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ValueError(f"--teacher {path}: no such folder (give a finetuned run, compressed model or HF model folder)")
+    config = read_json(folder / "config.json", missing="no config.json") if (folder / "config.json").is_file() else {}
+    if config.get("finegates") or "model_location" in config:
+        model, _ = load_any(folder)
+        location = config.get("model_location", str(folder))  # a compressed folder keeps its tokenizer
+    else:
+        location = resolve(str(folder))
+        own = 1 if regression else load_config(location).num_labels  # its own head: the shape check follows
+        model = load_classifier(location, own, regression, "auto")
+    try:
+        same = load_tokenizer(location).get_vocab() == tokenizer.get_vocab()
+    except Exception:  # noqa: BLE001 - a compressed folder without its base model's tokenizer
+        same = True
+    if not same:
+        raise ValueError(f"--teacher {path}: its tokenizer differs from the student model's; distillation needs the same token ids")
+    return model.eval()
+
+
+@torch.no_grad()
+def _predict_logits(model: nn.Module, data, batch_size: int, device, progress: bool) -> torch.Tensor:
+    from tqdm.auto import tqdm
+
+    model.eval()
+    out = []
+    for start in tqdm(range(0, len(data), batch_size), desc="teacher", leave=False, disable=not progress):
+        b = data.batch(list(range(start, min(start + batch_size, len(data)))))
+        b.pop("labels")
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(**{k: v.to(device) for k, v in b.items()}).logits.float()
+        out.append(logits.cpu())
+    return torch.cat(out)

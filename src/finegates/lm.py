@@ -80,6 +80,8 @@ class LMConfig:
     reg_start_step: int | None = field(default=None, metadata={"help": "Step at which the penalty starts."})
     regularizer: str | None = field(default=None, metadata={"help": "Override the recipe's penalty."})
     train_bias: bool | None = field(default=None, metadata={"help": "Override: train biases of gated layers."})
+    train_weights: bool | None = field(default=None, metadata={
+        "help": "Override: also finetune the weights of gated layers (gates over finetuned weights)."})
     gate_roles: tuple[str, ...] | None = field(default=None, metadata={"help": "Override: roles to gate."})
     evals: int = field(default=1, metadata={"help": "Evaluations during training (the last at the end)."})
     seed: int = field(default=0, metadata={"help": "Random seed."})

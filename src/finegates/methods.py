@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 
 from .model import (
-    apply_gates, count_gate_params, gate_parameters, gate_state_dict, gated_off_fraction, head_parameters, open_fractions,
+    apply_gates, count_gate_params, gate_parameters, gate_state_dict, gated_layers, gated_off_fraction, head_parameters,
+    open_fractions,
 )
 from .recipes import Recipe, get_recipe
 from .regularizer import Regularizer
@@ -97,6 +98,8 @@ class GatesMethod(Method):
         gate = r.gate
         if cfg.train_bias is not None:
             gate = replace(gate, train_bias=cfg.train_bias)
+        if cfg.train_weights is not None:
+            gate = replace(gate, train_weights=cfg.train_weights)
         if cfg.gate_roles is not None:
             gate = replace(gate, roles=tuple(cfg.gate_roles))
         return replace(
@@ -118,14 +121,16 @@ class GatesMethod(Method):
         self.reg = Regularizer(model, self.recipe.reg)
         gate_ids = {id(p) for p in gate_parameters(model)}
         head_ids = {id(p) for p in head_parameters(model)}
+        weight_ids = {id(m.base.weight) for m in gated_layers(model) if m.base.weight.requires_grad}
         gates = [p for p in model.parameters() if id(p) in gate_ids]
         head = [p for p in model.parameters() if p.requires_grad and id(p) in head_ids]
-        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in gate_ids | head_ids]
+        weights = [p for p in model.parameters() if id(p) in weight_ids]
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in gate_ids | head_ids | weight_ids]
         groups = [{"params": gates, "lr": self.recipe.gate_lr, "name": "gates"}]
-        if head:
-            groups.append({"params": head, "lr": self.recipe.head_lr, "name": "head"})
-        if rest:
-            groups.append({"params": rest, "lr": self.recipe.bias_lr, "name": "biases"})
+        for params, lr, name in ((head, self.recipe.head_lr, "head"), (rest, self.recipe.bias_lr, "biases"),
+                                 (weights, self.recipe.weight_lr, "weights")):
+            if params:
+                groups.append({"params": params, "lr": lr, "name": name})
         return groups
 
     def extra_loss(self, model, step, batch, outputs):

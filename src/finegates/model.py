@@ -41,6 +41,9 @@ class GateConfig:
     train_bias: bool = field(
         default=False, metadata={"help": "Also train the biases of gated layers (paper code option)."}
     )
+    train_weights: bool = field(
+        default=False, metadata={"help": "Also finetune the weights of gated layers (ours: gates over finetuned weights)."}
+    )
     train_norm: bool = field(
         default=False, metadata={"help": "Also train the LayerNorm/RMSNorm parameters inside the blocks (ours)."}
     )
@@ -80,8 +83,8 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
 def apply_gates(model: nn.Module, cfg: GateConfig | None = None) -> nn.Module:
     """Freeze `model` and wrap its target linear layers in `GatedLinear`, in place.
 
-    Trainable afterwards: the gates, the task head (if `cfg.train_head`) and the biases of the
-    gated layers (if `cfg.train_bias`). Returns the same model object.
+    Trainable afterwards: the gates, the task head (if `cfg.train_head`), the biases and weights of
+    the gated layers (if `cfg.train_bias`, `cfg.train_weights`). Returns the same model object.
     """
     cfg = cfg or GateConfig()
     spec = spec_for(model)
@@ -104,6 +107,8 @@ def apply_gates(model: nn.Module, cfg: GateConfig | None = None) -> nn.Module:
         _set_submodule(block, path, gated)
         if cfg.train_bias and base.bias is not None:
             base.bias.requires_grad_(True)
+        if cfg.train_weights:
+            base.weight.requires_grad_(True)
     if cfg.train_norm:
         for p in norm_parameters(model, spec):
             p.requires_grad_(True)

@@ -91,6 +91,12 @@ class TrainConfig:
     distill: str | None = field(default=None, metadata={
         "help": "Feature distillation from the dense model: none or squarehead. Default: per method (gmp: squarehead)."})
     recipe_options: dict = field(default_factory=dict, metadata={"help": "Dotted-path recipe overrides, e.g. {'reg.lam': 10}."})
+    train_weights: bool | None = field(default=None, metadata={
+        "help": "Override: also finetune the weights of gated layers (gates over finetuned weights)."})
+    teacher: str | None = field(default=None, metadata={
+        "help": "Finetuned teacher to distil logits from: a run directory, compressed or HF model folder."})
+    kd_weight: float = field(default=0.5, metadata={"help": "With --teacher: loss = (1 - w) task + w KD."})
+    kd_temperature: float = field(default=2.0, metadata={"help": "With --teacher: softmax temperature of the KD loss."})
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -131,6 +137,14 @@ class TrainConfig:
         if self.distill is not None and self.distill not in ("none", "squarehead"):
             raise ValueError(f"--distill must be none or squarehead, got {self.distill!r}")
         self.method_options = dict(self.method_options)
+        if not 0.0 <= self.kd_weight <= 1.0:
+            raise ValueError(f"--kd-weight must be in [0, 1], got {self.kd_weight}")
+        if not 0.0 < self.kd_temperature < math.inf:
+            raise ValueError(f"--kd-temperature must be positive and finite, got {self.kd_temperature}")
+        if self.teacher is not None:
+            self.teacher = str(self.teacher)
+            if not Path(self.teacher).is_dir():
+                raise ValueError(f"--teacher {self.teacher}: no such folder (a finetuned run, compressed or HF model folder)")
         if self.pooling not in POOLINGS:
             raise ValueError(f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
 
@@ -156,6 +170,7 @@ class Encoded:
     def __init__(self, examples: list[Example], tokenizer, max_length: int, regression: bool) -> None:
         columns = list(zip(*[e.texts for e in examples]))
         enc = tokenizer(*columns, truncation=True, max_length=max_length)
+        self.max_length = max_length
         self.features = [{k: enc[k][i] for k in enc.keys()} for i in range(len(examples))]
         dtype = torch.float32 if regression else torch.long
         self.labels = torch.tensor([e.label for e in examples], dtype=dtype)
@@ -253,6 +268,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     train_data = Encoded(train_ex, tokenizer, max_length, spec.regression)
     evals = {k: Encoded(v, tokenizer, max_length, spec.regression) for k, v in eval_ex.items()}
 
+    data_fp = _data_fingerprint(train_ex)
+    teacher = _teacher(cfg, train_data, data_fp, spec, device)  # every process: each looks up its own slice
     steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
     total_steps = math.ceil(cfg.epochs * steps_per_epoch)
     if cfg.max_steps:
@@ -266,7 +283,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
 
     ckpt = read_checkpoint(cfg.out) if resume else None
-    data_fp = _data_fingerprint(train_ex)
     gen = torch.Generator().manual_seed(cfg.seed)
     loop = {"step": 0, "t_train": 0.0, "order": [], "history": [], "skipped": 0, "in_a_row": 0}
     if ckpt is not None:
@@ -296,12 +312,16 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
         model.train()
         t0 = time.perf_counter()
-        batch = {k: v.to(device) for k, v in train_data.batch(local_slice(idx, procs)).items()}
+        local = local_slice(idx, procs)
+        batch = {k: v.to(device) for k, v in train_data.batch(local).items()}
         with _autocast(device):
             out = runner(**batch)
         task_loss = out.loss.float()
         extra, logs = method.extra_loss(model, step, batch, out)
-        loss = task_loss if extra is None else task_loss + extra
+        loss = task_loss
+        if teacher is not None:
+            loss, logs["kd"] = teacher.mix(task_loss, out.logits.float(), local)
+        loss = loss if extra is None else loss + extra
         optimizer.zero_grad(set_to_none=True)
         bad = None if all_finite(loss, procs) else f"loss is {loss.item()} (task loss {task_loss.item():.4g})"
         if bad is None:
@@ -371,6 +391,18 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         shutil.rmtree(cfg.out / CHECKPOINT.parent, ignore_errors=True)  # complete: the result is trainable.safetensors
     barrier(procs)
     return result
+
+
+def _teacher(cfg: TrainConfig, train_data: Encoded, data_fp: str, spec: TaskSpec, device):
+    """The teacher's logit table for `--teacher` (distill.TeacherLogits), None without one."""
+    if cfg.teacher is None:
+        return None
+    from .distill import TeacherLogits, teacher_logits
+
+    key = hashlib.sha256(f"{data_fp}|{train_data.max_length}|{len(train_data.tokenizer)}".encode()).hexdigest()[:16]
+    logits = teacher_logits(cfg.teacher, train_data, key, spec.num_labels, spec.regression, device,
+                            batch_size=cfg.eval_batch_size, progress=cfg.progress)
+    return TeacherLogits(logits, cfg.kd_weight, cfg.kd_temperature, spec.regression)
 
 
 def _start_run_dir(cfg: TrainConfig, ckpt: dict | None, procs: Processes, config: dict) -> None:
