@@ -1,4 +1,4 @@
-"""Issue 10, rounds 7-11: what lifts the gates' accuracy at 40% removed: distillation from a
+"""Issue 10, rounds 7-15: what lifts the gates' accuracy at 40% removed: distillation from a
 finetuned teacher (`--teacher`), finetuning the gated layers' weights too (`--train-weights`), and
 what the weak tasks (RTE, CoLA) need.
 
@@ -6,7 +6,7 @@ what the weak tasks (RTE, CoLA) need.
     nvidia-cuda-mps-control -d
     python -m benchmarks.glue run --config benchmarks/capacity.json --out runs/capacity \
         --model .carry/minilm --glue .carry/glue --parallel 24 --deadline 480 --kill 555
-    #   ... then capacity2.json (round 8), capacity3.json (9), capacity4.json (10), capacity5.json (11)
+    #   ... then capacity2.json (round 8), capacity3.json (9), ..., capacity9.json (round 15)
     # here, on the CPU, from the run directories brought back:
     python -m benchmarks.capacity report
 
@@ -31,7 +31,7 @@ from benchmarks.glue import collect, measure, select
 
 TASKS = ["mrpc", "stsb", "sst2", "rte", "cola"]
 REFERENCE = {"mrpc": 81.6, "stsb": 86.8, "sst2": 90.5, "rte": 62.8}  # the issue's full-finetuning reference
-ORDER = ["full FT", "gates", "gates-kd", "gates-w", "gates-w-kd", "gwkd-ft", "gwkd-norm", "gwkd-head",
+ORDER = ["full FT", "gates", "gates-kd", "gates-w", "gates-w-lr5e-5", "gates-w-kd", "gwkd-ft", "gwkd-norm", "gwkd-head",
          "gwkd-lr5e-5", "gwkd-warm40", "gwkd-lr5e-5-warm40", "gwkd-s0", "gwkd-head-s0", "gw-s0", "gw-s0-quiet",
          "gw-s0-quiet-ft", "gw-quiet-ft", "gw-quiet-ft-lr1e-2", "qft-warm50", "qft-s20", "qft-warm50-s20", "qft-lr3e-3",
          "teacher"]
@@ -41,6 +41,7 @@ WHAT = {
     "gates": "default recipe, frozen weights (GLUE grid; SST-2 here at 3 epochs)",
     "gates-kd": "+ logit distillation from the teacher (kd_weight 0.5, T 2)",
     "gates-w": "+ gated layers' weights finetune (lr 2e-5)",
+    "gates-w-lr5e-5": "gates-w at weight lr 5e-5 (full finetuning's SST-2 lr)",
     "gates-w-kd": "weights + distillation",
     "gwkd-ft": "weights + distillation, LayerNorms trainable, head/biases/LayerNorms at 2e-5",
     "gwkd-norm": "weights + distillation, LayerNorms trainable at 1e-3",
