@@ -143,3 +143,12 @@ def test_cli_passes_teacher_and_weights_and_refuses_a_lone_weight_lr(tiny, tmp_p
     bad = CliRunner().invoke(app, common + ["--out", str(tmp_path / "b"), "--weight-lr", "1e-4"])
     assert bad.exit_code != 0 and "--weight-lr needs --train-weights" in bad.output
     assert not (tmp_path / "b").exists()
+
+
+def test_a_run_short_of_its_target_is_flagged():
+    from finegates.cli import _target_missed
+
+    assert _target_missed({"sparsity_target": 0.4, "removable_fraction": 0.39, "steps": 900}) is None
+    assert _target_missed({"removable_fraction": 0.0, "steps": 9}) is None  # not a gates run
+    msg = _target_missed({"sparsity_target": 0.4, "removable_fraction": 0.1, "steps": 60})
+    assert "10.0%" in msg and "40% target" in msg and "60 steps" in msg

@@ -223,6 +223,9 @@ def _print_lm_result(result: dict) -> None:
     if "removable_fraction" in result:
         lines.append(f"removable layer params {100 * result['removable_fraction']:.1f}%")
     lines.append(f"trainable params {result['trainable_params']:,}, {result['seconds_per_step']:.3f} s/step")
+    short = _target_missed(result)
+    if short:
+        lines.append(f"warning: {short}")
     typer.echo("\n".join(lines))
 
 
@@ -243,7 +246,22 @@ def _print_result(result: dict) -> None:
     if "unstructured_sparsity" in result:
         table.add_row("zero weights (unstructured)", f"{100 * result['unstructured_sparsity']:.1f}%")
     table.add_row("seconds / step", f"{result['seconds_per_step']:.3f}")
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    short = _target_missed(result)
+    if short:
+        console.print(f"[yellow]warning:[/yellow] {short}")
+
+
+def _target_missed(result: dict) -> str | None:
+    """A gates run that ended well short of its sparsity target: say so, and what to change."""
+    target, removed = result.get("sparsity_target"), result.get("removable_fraction")
+    if target is None or removed is None or removed >= target - 0.02:
+        return None
+    return (f"only {100 * removed:.1f}% of layer parameters are removable, below the {100 * target:.0f}% target: "
+            f"the run ({result['steps']} steps) was too short for the gates to close. The penalty ramps up over "
+            f"the middle of training and a gate needs about 1/lr steps to close (100 at the default gate lr "
+            f"1e-2): train more epochs.")
 
 
 @app.command()

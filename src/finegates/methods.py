@@ -156,6 +156,7 @@ class GatesMethod(Method):
             "gate_params": count_gate_params(model),
             "gated_off_fraction": gated_off_fraction(model),
             "removable_fraction": self.reg.removed_fraction(),
+            "sparsity_target": self.reg.cfg.sparsity,
             "expected_kept_fraction": float(self.reg.kept_fraction().detach()),
             "open_fractions": open_fractions(model),
             "lambda": self.reg.lam,
