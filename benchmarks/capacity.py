@@ -26,7 +26,7 @@ import platform
 import statistics
 from pathlib import Path
 
-from benchmarks.gate_study import MAIN_METRIC
+from benchmarks.gate_study import MAIN_METRIC, steps_to_target
 from benchmarks.glue import collect, measure, select
 
 TASKS = ["mrpc", "stsb", "sst2", "rte", "cola"]
@@ -78,6 +78,18 @@ def rows_with_grid(runs: Path, grid: Path) -> list[dict]:
     return rows
 
 
+def add_steps_to_target(rows: list[dict]) -> None:
+    """Each gates run's first evaluation at which the hard removed fraction was within a point of the
+    target (evaluations are once per epoch), and its total steps; None where it never got there."""
+    for r in rows:
+        log = Path(r["run_dir"]) / "metrics.jsonl"
+        target = r.get("sparsity_target") or 0.0
+        if not log.is_file() or not target or r["method"] in ("teacher", "full FT"):
+            continue
+        history = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        r.update(steps_to_target=steps_to_target(history, target), total_steps=history[-1]["step"])
+
+
 def summary(rows: list[dict]) -> list[dict]:
     out = []
     for method in [m for m in ORDER if any(r["method"] == m for r in rows)]:
@@ -93,6 +105,8 @@ def summary(rows: list[dict]) -> list[dict]:
                 "n": len(scores), "removed": statistics.mean(x or 0.0 for x in removed),
                 "max_abs_diff": max((r["max_abs_diff"] for r in rs if r.get("max_abs_diff") is not None), default=None),
                 "latency_ratio": next((r["latency_ratio"] for r in rs if r.get("latency_ratio") is not None), None),
+                "steps_to_target": [r.get("steps_to_target") for r in rs if "total_steps" in r],
+                "total_steps": next((r["total_steps"] for r in rs if "total_steps" in r), None),
             }
         out.append(line)
     return out
@@ -108,6 +122,25 @@ def table(lines: list[dict]) -> str:
             c = ln["tasks"].get(t)
             cells.append("-" if c is None else f"{c['mean']:.1f} ± {c['sd']:.1f} (n={c['n']}, {100 * c['removed']:.0f}%)")
         out.append(f"| {ln['method']} | " + " | ".join(cells) + f" | {ln['what']} |")
+    return "\n".join(out)
+
+
+def steps_table(lines: list[dict]) -> str:
+    """When each variant reached its target: the mean step over seeds that did / total steps."""
+    out = ["| variant | " + " | ".join(TASKS) + " |", "|---" * (len(TASKS) + 1) + "|"]
+    for ln in lines:
+        cells = []
+        for t in TASKS:
+            c = ln["tasks"].get(t)
+            if c is None or c["total_steps"] is None:
+                cells.append("-")
+                continue
+            hit = [s for s in c["steps_to_target"] if s is not None]
+            missed = len(c["steps_to_target"]) - len(hit)
+            cells.append((f"{statistics.mean(hit):.0f}" if hit else "never") + f" / {c['total_steps']}"
+                         + (f" ({missed} of {len(c['steps_to_target'])} missed)" if missed and hit else ""))
+        if any(cell != "-" for cell in cells):
+            out.append(f"| {ln['method']} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
@@ -181,6 +214,7 @@ def cmd_report(args) -> None:
     quiet()
     rows = rows_with_grid(Path(args.runs), Path(args.grid))
     own = [r for r in rows if "source" not in r]
+    add_steps_to_target(rows)
     if args.measure:
         measure(own, args.threads, args.runs_per_model)
     lines = summary(rows)
@@ -191,6 +225,8 @@ def cmd_report(args) -> None:
     diffs = [r["max_abs_diff"] for r in own if r.get("max_abs_diff") is not None]
     md = (f"<!-- commit {meta['commit']} -->\n## Dev score, mean ± sd over seeds (layer params removed)\n\n{table(lines)}\n\n"
           f"## Gap to the issue's reference (points)\n\n{gap_table(lines, main)}\n\n"
+          f"## Steps to the target (first per-epoch evaluation within a point of it; mean over seeds / all steps)"
+          f"\n\n{steps_table(lines)}\n\n"
           f"Compressed vs gated, max |logit diff| over {len(diffs)} compressed runs: {max(diffs):.2g}.\n\n"
           + "".join(f"![]({os.path.relpath(f, Path(args.results).parent)})\n" for f in figures))
     write_results(args.results, meta, rows, md)
