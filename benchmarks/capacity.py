@@ -27,7 +27,7 @@ import statistics
 from pathlib import Path
 
 from benchmarks.gate_study import MAIN_METRIC, steps_to_target
-from benchmarks.glue import collect, measure, select
+from benchmarks.glue import add_measure_options, collect, measure, select
 
 TASKS = ["mrpc", "stsb", "sst2", "rte", "cola"]
 REFERENCE = {"mrpc": 81.6, "stsb": 86.8, "sst2": 90.5, "rte": 62.8}  # the full-finetuning reference
@@ -241,9 +241,7 @@ def main() -> None:
     s.add_argument("--grid", default="benchmarks/results/glue.json", help="the GLUE grid's results")
     s.add_argument("--results", default="benchmarks/results/capacity.json")
     s.add_argument("--figures", default="docs/figures/r7")
-    s.add_argument("--threads", type=int, default=2)
-    s.add_argument("--runs-per-model", type=int, default=12)
-    s.add_argument("--measure", action=argparse.BooleanOptionalAction, default=True)
+    add_measure_options(s)
     s.set_defaults(fn=cmd_report)
     args = p.parse_args()
     args.fn(args)

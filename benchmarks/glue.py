@@ -114,7 +114,7 @@ def measure(rows: list[dict], threads: int, runs: int) -> None:
     """Compress every structured run (all seeds: removed fraction, exactness) and time seed 0 of
     each method and task against the dense model on the CPU. Results are cached in the run dir."""
     from finegates.bench import BenchConfig, bench
-    from finegates.compress import compress_run
+    from finegates.compress import WEIGHTS, compress_run
     from finegates.files import write_json
 
     todo = [r for r in rows if r["structured"]]
@@ -128,7 +128,7 @@ def measure(rows: list[dict], threads: int, runs: int) -> None:
         if r["seed"] != min(x["seed"] for x in todo if (x["method"], x["task"]) == (r["method"], r["task"])):
             continue
         timing_file = run_dir / "latency.json"
-        if not timing_file.is_file() and not (out / "model.safetensors").is_file():
+        if not timing_file.is_file() and not (out / WEIGHTS).is_file():
             print(f"{r['method']} {r['task']}: compressed on the GPU machine, weights not brought back: not timed")
             continue
         if not timing_file.is_file():
@@ -289,6 +289,13 @@ SWEEP = ("gates-s20", "gates-s30", "gates-s50")
 TASK_ORDER = ["cola", "sst2", "mrpc", "stsb", "rte", "wnli"]
 
 
+def add_measure_options(parser: argparse.ArgumentParser) -> None:
+    """The options of `measure` (compression and CPU timing), for every report that calls it."""
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs-per-model", type=int, default=12, help="timed forward passes per model")
+    parser.add_argument("--measure", action=argparse.BooleanOptionalAction, default=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -307,9 +314,7 @@ def main() -> None:
     s.add_argument("--runs", default="runs/glue")
     s.add_argument("--results", default="benchmarks/results/glue.json")
     s.add_argument("--figures", default="benchmarks/results/figures")
-    s.add_argument("--threads", type=int, default=2)
-    s.add_argument("--runs-per-model", type=int, default=12, help="timed forward passes per model")
-    s.add_argument("--measure", action=argparse.BooleanOptionalAction, default=True)
+    add_measure_options(s)
     s.set_defaults(fn=cmd_report)
     args = p.parse_args()
     args.fn(args)

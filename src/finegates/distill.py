@@ -161,8 +161,10 @@ def teacher_logits(teacher: str, data, key: str, num_labels: int, regression: bo
         logits = load_file(str(cache))["logits"]
         if logits.shape[0] == len(data):
             return logits
+    from .train import predict_logits
+
     model = load_teacher(teacher, num_labels, regression, data.tokenizer).to(device)
-    logits = _predict_logits(model, data, batch_size, device, progress)
+    logits = predict_logits(model, data, batch_size, device, progress, desc="teacher")
     outputs = 1 if regression else num_labels
     if logits.shape[-1] != outputs:
         raise ValueError(f"--teacher {teacher}: it outputs {logits.shape[-1]} values per example, this task needs {outputs}")
@@ -185,7 +187,7 @@ def load_teacher(path: str, num_labels: int, regression: bool, tokenizer) -> nn.
     folder = Path(path)
     if not folder.is_dir():
         raise ValueError(f"--teacher {path}: no such folder (give a finetuned run, compressed model or HF model folder)")
-    config = read_json(folder / "config.json", missing="no config.json") if (folder / "config.json").is_file() else {}
+    config = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
     if config.get("finegates") or "model_location" in config:
         model, _ = load_any(folder)
         location = config.get("model_location", str(folder))  # a compressed folder keeps its tokenizer
@@ -200,18 +202,3 @@ def load_teacher(path: str, num_labels: int, regression: bool, tokenizer) -> nn.
     if not same:
         raise ValueError(f"--teacher {path}: its tokenizer differs from the student model's; distillation needs the same token ids")
     return model.eval()
-
-
-@torch.no_grad()
-def _predict_logits(model: nn.Module, data, batch_size: int, device, progress: bool) -> torch.Tensor:
-    from tqdm.auto import tqdm
-
-    model.eval()
-    out = []
-    for start in tqdm(range(0, len(data), batch_size), desc="teacher", leave=False, disable=not progress):
-        b = data.batch(list(range(start, min(start + batch_size, len(data)))))
-        b.pop("labels")
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(**{k: v.to(device) for k, v in b.items()}).logits.float()
-        out.append(logits.cpu())
-    return torch.cat(out)

@@ -201,16 +201,22 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def predict(model, data: Encoded, batch_size: int, device, regression: bool, progress: bool = False) -> np.ndarray:
+def predict_logits(model, data: Encoded, batch_size: int, device, progress: bool = False,
+                   desc: str = "eval") -> torch.Tensor:
+    """The model's fp32 logits on every example of `data`, in order, on the CPU (eval mode)."""
     model.eval()
-    preds = []
-    for start in tqdm(range(0, len(data), batch_size), desc="eval", leave=False, disable=not progress):
+    out = []
+    for start in tqdm(range(0, len(data), batch_size), desc=desc, leave=False, disable=not progress):
         b = data.batch(list(range(start, min(start + batch_size, len(data)))))
         b.pop("labels")
         with _autocast(device):
-            logits = model(**{k: v.to(device) for k, v in b.items()}).logits.float()
-        preds.append(logits.squeeze(-1).cpu() if regression else logits.argmax(-1).cpu())
-    return torch.cat(preds).numpy()
+            out.append(model(**{k: v.to(device) for k, v in b.items()}).logits.float().cpu())
+    return torch.cat(out)
+
+
+def predict(model, data: Encoded, batch_size: int, device, regression: bool, progress: bool = False) -> np.ndarray:
+    logits = predict_logits(model, data, batch_size, device, progress)
+    return (logits.squeeze(-1) if regression else logits.argmax(-1)).numpy()
 
 
 def evaluate(model, spec: TaskSpec, evals: dict[str, Encoded], cfg: TrainConfig, device) -> dict[str, float]:
