@@ -29,6 +29,7 @@ from .arch import ArchSpec, head_counts
 
 # role -> the deletable side's vector length attribute: rows (out) for these, cols (in) for o/down
 DELETABLE_SIDE = {"q": "rows", "k": "rows", "v": "rows", "o": "cols", "up": "rows", "gate": "rows", "down": "cols"}
+MLP_ROLES = ("up", "gate", "down")  # the gates of one MLP unit: up/gate rows j and down column j
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,11 @@ def keep(open_: dict[str, torch.Tensor], lay: BlockLayout) -> dict[str, torch.Te
     return {"mlp": mlp, "vo": vo, "head": head, "qk": qk, "k": k_keep, "v": v_keep}
 
 
+def mlp_unit_cost(lay: BlockLayout) -> int:
+    """Parameters one MLP unit holds: its up (and gate) row, its down column, their biases."""
+    return lay.hidden * (3 if lay.swiglu else 2) + ("up" in lay.bias) + ("gate" in lay.bias and lay.swiglu)
+
+
 def kept_params(kp: dict[str, torch.Tensor], lay: BlockLayout) -> torch.Tensor:
     """Parameters of the block's linear layers that survive, from `keep`'s output.
 
@@ -124,8 +130,7 @@ def kept_params(kp: dict[str, torch.Tensor], lay: BlockLayout) -> torch.Tensor:
     is the compressed block's exact linear-parameter count.
     """
     d, b = lay.hidden, lay.bias
-    mlp_cost = d * (3 if lay.swiglu else 2) + ("up" in b) + ("gate" in b and lay.swiglu)
-    n = kp["mlp"].sum() * mlp_cost
+    n = kp["mlp"].sum() * mlp_unit_cost(lay)
     n = n + kp["qk"].sum() * (d + ("q" in b))
     n = n + kp["k"].sum() * (d + ("k" in b))
     n = n + kp["v"].sum() * (d + ("v" in b))

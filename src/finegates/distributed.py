@@ -94,3 +94,14 @@ def barrier(procs: Processes) -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def all_mean(value: torch.Tensor) -> torch.Tensor:
+    """The mean of `value` over the training processes (itself with one process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    out = value.clone()
+    dist.all_reduce(out)
+    return out / dist.get_world_size()

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 OFFSET = 0.5  # the +0.5 shift of both the paper's code and STG
+CLOSED_THETA = -10.0  # a theta whose gate is 0 for both mean functions, far from the clamp: stays closed
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,8 @@ class Gate(nn.Module):
         super().__init__()
         self.param = param
         self.theta = nn.Parameter(torch.empty(size))
+        self.taylor: torch.Tensor | None = None  # with `track_taylor`: sum of z * dL/dz since the last read
+        self.track_taylor = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -66,7 +69,33 @@ class Gate(nn.Module):
         shifted = self.mu + OFFSET
         if self.training and self.param.noise_std > 0:
             shifted = shifted + self.param.noise_std * torch.randn_like(shifted)
-        return shifted.clamp(0.0, 1.0)
+        z = shifted.clamp(0.0, 1.0)
+        if self.track_taylor and z.requires_grad:
+            z.register_hook(self._taylor_hook(z.detach()))
+        return z
+
+    def _taylor_hook(self, z: torch.Tensor):
+        """First-order loss change of closing each gate, -z * dL/dz, summed over the batch.
+
+        Read from the gate *value*, not from theta, so a saturated gate (clamped at 1, whose theta
+        gets no gradient) is still measured.
+        """
+        def hook(grad: torch.Tensor) -> None:
+            term = (z * grad).float()
+            self.taylor = term if self.taylor is None else self.taylor + term
+        return hook
+
+    def pop_taylor(self) -> torch.Tensor:
+        """The Taylor terms gathered since the last call (zeros when no backward pass ran)."""
+        out = self.taylor if self.taylor is not None else torch.zeros_like(self.theta, dtype=torch.float32)
+        self.taylor = None
+        return out.detach()
+
+    @torch.no_grad()
+    def close(self, mask: torch.Tensor) -> None:
+        """Close the gates in `mask` for good: their theta goes where neither noise nor the
+        (clamped, hence zero) gradient can bring it back."""
+        self.theta[mask] = CLOSED_THETA
 
     def values(self) -> torch.Tensor:
         """Deterministic evaluation values (what gets baked into the weights)."""

@@ -142,6 +142,9 @@ class GatesMethod(Method):
             penalty = penalty + feat
         return penalty, self._last
 
+    def after_step(self, model, step) -> None:
+        self.reg.after_step(step)  # schedule taylor closes units here
+
     def finish(self, model) -> None:
         if self.distiller is not None:
             self.distiller.remove()

@@ -15,6 +15,13 @@ cost, are pushed closed; the others feel no penalty and may reopen. Closed units
 stay selected, so the hard removed count follows the cubic schedule without overshoot, and the
 units that close are the ones the task gradient itself has been lowering (movement-pruning-like).
 
+With `schedule="taylor"` (ours) nothing is penalised: gates close by decision, not by drift. Each
+step, every MLP unit's first-order Taylor score (the loss change of scaling the unit's gates to 0,
+Molchanov et al., 2019) is read from its gates' gradients, and an exponential average of its square
+is its importance; then the least important open units are closed outright (gates.Gate.close), up
+to the cubic schedule's target. So the gate learning rate no longer decides *when* gates close: the
+gates (and weights) may train slowly while the schedule removes what the task gradient uses least.
+
 With `schedule="controller"` (tried, overshoots; kept for the study) the penalty is `lambda_t * E[kept fraction]` and lambda_t is
 adapted every step from the *hard* removed fraction (what compression would delete now) against
 a target that ramps to `sparsity` over `ramp_steps`: lambda grows while the model lags the
@@ -31,8 +38,9 @@ import torch
 import torch.nn as nn
 
 from .arch import blocks, spec_for
-from .coupling import DELETABLE_SIDE, BlockLayout, keep, kept_params
-from .gates import GatedLinear
+from .coupling import DELETABLE_SIDE, MLP_ROLES, BlockLayout, keep, kept_params, mlp_unit_cost
+from .distributed import all_mean
+from .gates import Gate, GatedLinear
 
 
 TOPK_UNITS = ("mlp", "vo", "qk")
@@ -46,10 +54,13 @@ class RegConfig:
     sparsity: float = field(default=0.4, metadata={"help": "Target fraction of parameters removed, in [0, 1)."})
     lam: float = field(default=50.0, metadata={"help": "Penalty weight (initial value with the controller)."})
     start_step: int = field(default=0, metadata={"help": "Step from which the penalty applies."})
-    schedule: str = field(default="none", metadata={"help": "none, topk (ours), or controller (budget only)."})
+    schedule: str = field(default="none", metadata={
+        "help": "none, topk (ours), taylor (ours: close by importance), or controller (budget only)."})
     ramp_steps: int = field(default=0, metadata={"help": "Steps over which the controller's target ramps to `sparsity`."})
     controller_rate: float = field(default=0.05, metadata={"help": "log-lambda step per update at full error."})
     lam_max: float = field(default=1e4, metadata={"help": "Upper bound on the controlled lambda."})
+    importance_decay: float = field(default=0.99, metadata={
+        "help": "With schedule taylor: decay of the exponential average of the units' squared Taylor scores."})
     units: tuple[str, ...] = field(default=TOPK_UNITS, metadata={
         "help": "Top-k candidates: mlp (MLP units), vo (V/O dims), qk (Q/K dims or RoPE pairs). Attention dims "
         "save less CPU time than their parameter count says (compressed heads are padded to one width)."})
@@ -64,10 +75,14 @@ class RegConfig:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
         if self.lam < 0:
             raise ValueError(f"lambda must be >= 0, got {self.lam}")
-        if self.schedule not in ("none", "topk", "controller"):
-            raise ValueError(f"schedule must be none, topk or controller, got {self.schedule!r}")
+        if self.schedule not in ("none", "topk", "taylor", "controller"):
+            raise ValueError(f"schedule must be none, topk, taylor or controller, got {self.schedule!r}")
         if self.schedule != "none" and self.kind != "budget":
             raise ValueError(f"schedule {self.schedule!r} works on the 'budget' regularizer only")
+        if self.schedule == "taylor" and self.units != ("mlp",):
+            raise ValueError(f"schedule 'taylor' closes MLP units only: units must be ('mlp',), got {self.units!r}")
+        if not (0.0 <= self.importance_decay < 1.0):
+            raise ValueError(f"importance_decay must be in [0, 1), got {self.importance_decay}")
 
     @property
     def controller(self) -> bool:
@@ -85,6 +100,13 @@ class Regularizer(nn.Module):
         self.dense = sum(lay.dense_params() for lay, _ in self.blocks)
         self.lam = cfg.lam
         self.target = cfg.sparsity
+        self.importance: torch.Tensor | None = None  # schedule taylor: one score per MLP unit, all blocks
+        if cfg.schedule == "taylor":
+            if not any(self._unit_gates(gated) for _, gated in self.blocks):
+                raise ValueError("schedule 'taylor' needs gated MLP layers (roles up/down): none are gated")
+            for _, gated in self.blocks:
+                for g in self._unit_gates(gated):
+                    g.track_taylor = True
 
     @staticmethod
     def _collect_blocks(model: nn.Module) -> list[tuple[BlockLayout, dict[str, GatedLinear]]]:
@@ -165,6 +187,51 @@ class Regularizer(nn.Module):
         chosen = order[:k]
         return (soft[chosen] * cost[chosen]).sum() / cost[chosen].sum()
 
+    # ---- taylor: close by importance ---------------------------------------------------------
+    @staticmethod
+    def _unit_gates(gated: dict[str, GatedLinear]) -> list[Gate]:
+        """The gates of a block's MLP units (the deletable side of up, gate and down)."""
+        gates = [gated[r].gates().get(DELETABLE_SIDE[r]) for r in MLP_ROLES if r in gated]
+        return [g for g in gates if g is not None]
+
+    def after_step(self, step: int) -> None:
+        """With schedule taylor: update the units' importance, then close the least important
+        open units until the hard removed fraction reaches this step's scheduled target."""
+        if self.cfg.schedule != "taylor":
+            return
+        scores = [sum(g.pop_taylor() for g in self._unit_gates(gated)) for _, gated in self.blocks]
+        sq = all_mean(torch.cat([s.flatten() for s in scores])) ** 2  # every process closes the same units
+        decay = self.cfg.importance_decay
+        self.importance = sq if self.importance is None else decay * self.importance + (1.0 - decay) * sq
+        if step >= self.cfg.start_step and self.cfg.sparsity > 0.0:
+            self._close_to_target()
+
+    @torch.no_grad()
+    def _close_to_target(self) -> None:
+        need = (self.target - self.removed_fraction()) * self.dense  # parameters still to delete
+        if need <= 0:
+            return
+        open_, cost = [], []
+        for lay, gated in self.blocks:
+            units = keep(self._open(gated, hard=True), lay)["mlp"] > 0
+            open_.append(units)
+            cost.append(torch.full(units.shape, float(mlp_unit_cost(lay)), device=units.device))
+        open_, cost = torch.cat(open_), torch.cat(cost)
+        candidates = torch.nonzero(open_).flatten()
+        if candidates.numel() == 0:
+            return
+        order = candidates[torch.argsort(self.importance[candidates])]
+        k = int(torch.searchsorted(torch.cumsum(cost[order], 0), need)) + 1
+        chosen = torch.zeros_like(open_)
+        chosen[order[:k]] = True
+        start = 0
+        for lay, gated in self.blocks:
+            n = lay.intermediate
+            mask = chosen[start:start + n]
+            start += n
+            for g in self._unit_gates(gated):
+                g.close(mask)
+
     def _values(self, gated: dict[str, GatedLinear]) -> dict[str, torch.Tensor]:
         out = {}
         for role, m in gated.items():
@@ -184,7 +251,7 @@ class Regularizer(nn.Module):
         """(lambda * R, lambda) for this step; zero before `start_step`."""
         if self.cfg.schedule != "none":
             self.target = self.scheduled_target(step)  # 0 until start_step: the bar shows the warm-up
-        if step < self.cfg.start_step or self.cfg.sparsity == 0.0:
+        if step < self.cfg.start_step or self.cfg.sparsity == 0.0 or self.cfg.schedule == "taylor":
             return torch.zeros((), device=self.layers[0].base.weight.device), 0.0
         if self.cfg.controller:
             self._update_lambda(step)
@@ -196,8 +263,13 @@ class Regularizer(nn.Module):
         self.lam = min(self.cfg.lam_max, max(1e-6, self.lam * math.exp(self.cfg.controller_rate * error)))
 
     def state(self) -> dict:
-        return {"lam": self.lam, "target": self.target}
+        out = {"lam": self.lam, "target": self.target}
+        if self.importance is not None:
+            out["importance"] = self.importance.detach().cpu()
+        return out
 
     def load_state(self, state: dict) -> None:
         self.lam = float(state["lam"])
         self.target = float(state["target"])
+        if "importance" in state:
+            self.importance = state["importance"].to(self.layers[0].base.weight.device)
