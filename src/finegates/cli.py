@@ -99,7 +99,8 @@ def train(
     opt: Optional[list[str]] = typer.Option(None, "--opt", metavar="KEY=VALUE", help=METHOD_OPTIONS_HELP),
     prune_units: Optional[str] = typer.Option(
         None, help="Which units the fast recipe may close, comma-separated: mlp (MLP units), vo (V/O head dims), "
-        "qk (Q/K dims or RoPE pairs). Default: mlp, which turns parameters into CPU time best."
+        "qk (Q/K dims or RoPE pairs). Default: mlp, which turns parameters into CPU time best (the only "
+        "choice of the finetune recipe)."
     ),
     pooling: str = typer.Option(
         "auto", help="Which token state the classification head reads: cls, mean, or auto (the pooling the "
@@ -110,8 +111,9 @@ def train(
         "Default: squarehead for gmp, none otherwise (supported by gates, full, gmp)."
     ),
     recipe: Optional[str] = typer.Option(
-        None, help="Gate recipe: fast (ours), paper (published code), stg, paper-lm. "
-        "Default: fast; paper-lm with --objective lm."
+        None, help="Gate recipe: finetune (ours: weights finetune too, units close by importance), fast (ours: "
+        "frozen weights, only gates/biases/head train), paper (published code), stg, paper-lm. "
+        "Default: finetune; paper-lm with --objective lm."
     ),
     sparsity: Optional[float] = typer.Option(
         None, help="Target fraction of transformer-layer parameters to remove, in [0, 1). Default: 0.4; 0.3 for lm."
@@ -128,8 +130,9 @@ def train(
     train_bias: Optional[bool] = typer.Option(None, "--train-bias/--freeze-bias", help="Train biases of gated layers."),
     train_weights: Optional[bool] = typer.Option(
         None, "--train-weights/--freeze-weights",
-        help="Also finetune the weights of gated layers (gates over finetuned weights; a larger run file). Default: frozen."),
-    weight_lr: Optional[float] = typer.Option(None, help="With --train-weights: their learning rate. Default: 2e-5."),
+        help="Finetune the weights of gated layers too (gates over finetuned weights; a run file the size of the "
+        "model). Default: per recipe (finetune: trained; fast, paper: frozen)."),
+    weight_lr: Optional[float] = typer.Option(None, help="Learning rate of trained weights. Default: 2e-5."),
     teacher: Optional[Path] = typer.Option(
         None, help="Distil logits from a finetuned teacher: a run directory (e.g. --method full), compressed or HF "
         "model folder with the same tokenizer. Its training-set logits are computed once and cached in its folder."),
@@ -167,8 +170,12 @@ def train(
         return
     if out is None:
         fail("give --out RUN_DIR (or --resume RUN_DIR to continue an interrupted run)")
-    if weight_lr is not None and not train_weights:
-        fail("--weight-lr needs --train-weights (the weights of gated layers are frozen otherwise)")
+    from .recipes import DEFAULT_RECIPE
+
+    chosen = recipe or ("paper-lm" if objective == "lm" else DEFAULT_RECIPE)
+    if weight_lr is not None and not _trains_weights(chosen, train_weights):
+        fail(f"--weight-lr needs trained weights (--train-weights): recipe {chosen!r} keeps the gated layers' "
+             "weights frozen")
     if objective == "lm":
         if task or data_dir or train_file or eval_file:
             fail("--objective lm takes --text-files and --eval-text-file, not --task/--data-dir/--train-file")
@@ -179,7 +186,7 @@ def train(
         lm_cfg = run_guarded(
             LMConfig, out=out, model=model or "smollm2", text_files=_split(text_files), eval_text_file=eval_text_file,
             block_size=block_size, window=window, stride=stride, eval_tokens=eval_tokens, eval_dense=eval_dense,
-            method=method, recipe=recipe or "paper-lm", sparsity=0.3 if sparsity is None else sparsity,
+            method=method, recipe=chosen, sparsity=0.3 if sparsity is None else sparsity,
             epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, head_lr=head_lr, lam=lam,
             reg_start_step=reg_start_step, regularizer=regularizer, train_bias=train_bias, seed=seed,
             evals=max(1, round(evals_per_epoch * epochs)), device=device, trace_every=trace_every, progress=progress,
@@ -193,7 +200,7 @@ def train(
     cfg = run_guarded(
         TrainConfig, out=out, model=model, task=task, data_dir=data_dir, train_file=train_file,
         eval_file=eval_file, text_columns=_split(text_columns), label_column=label_column,
-        regression=regression, method=method, recipe=recipe or "fast", sparsity=0.4 if sparsity is None else sparsity,
+        regression=regression, method=method, recipe=chosen, sparsity=0.4 if sparsity is None else sparsity,
         epochs=epochs,
         max_steps=max_steps, batch_size=batch_size, max_length=max_length, lr=lr, head_lr=head_lr,
         lam=lam, reg_start_step=reg_start_step, regularizer=regularizer, train_bias=train_bias, seed=seed,
@@ -205,6 +212,15 @@ def train(
     )
     result = run_guarded(run_train, cfg)
     _print_result(result)
+
+
+def _trains_weights(recipe: str, flag: bool | None) -> bool:
+    """Whether a run trains the gated layers' weights: --train-weights/--freeze-weights, else the recipe."""
+    from .recipes import RECIPES
+
+    if flag is not None or recipe not in RECIPES:  # an unknown recipe fails later, with the recipe list
+        return bool(flag)
+    return RECIPES[recipe]().gate.train_weights
 
 
 def _recipe_options(prune_units: str | None, weight_lr: float | None) -> dict:

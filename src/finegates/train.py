@@ -40,6 +40,7 @@ from .methods import Method, get_method
 from .model import count_params, count_trainable
 from .models import load_classifier, load_config, load_tokenizer, max_tokens, resolve
 from .pooling import POOLINGS
+from .recipes import DEFAULT_RECIPE
 from .tasks import Example, TaskSpec, UserData, load_glue
 
 
@@ -61,7 +62,8 @@ class TrainConfig:
     label_column: str = field(default="label", metadata={"help": "Own data: label column."})
     regression: bool = field(default=False, metadata={"help": "Own data: numeric target."})
     method: str = field(default="gates", metadata={"help": "Training method."})
-    recipe: str = field(default="fast", metadata={"help": "Gate recipe: fast (ours), paper, stg."})
+    recipe: str = field(default=DEFAULT_RECIPE, metadata={
+        "help": "Gate recipe: finetune (ours, default), fast (ours, frozen weights), paper, stg."})
     sparsity: float = field(default=0.4, metadata={"help": "Target fraction of layer parameters removed."})
     epochs: float = field(default=3, metadata={"help": "Training epochs (fractions allowed)."})
     max_steps: int | None = field(default=None, metadata={"help": "Stop after this many steps."})
