@@ -27,7 +27,7 @@ def profile(method_name: str, model_location: str, batch: int, seq: int, steps: 
     from finegates.models import load_classifier
     from finegates.train import TrainConfig
 
-    cfg = TrainConfig(out=Path("unused"), task="mrpc", data_dir="unused", model=model_location)  # recipe defaults
+    cfg = TrainConfig(out=Path("unused"), task="mrpc", data_dir="unused", model=model_location, recipe="fast")  # as measured
     model = load_classifier(model_location, 2, False, "mean").train()
     method = get_method(method_name)
     optimizer = torch.optim.AdamW(method.prepare(model, cfg, 1000))
