@@ -1,12 +1,13 @@
-"""Issue 10, rounds 7-15: what lifts the gates' accuracy at 40% removed: distillation from a
-finetuned teacher (`--teacher`), finetuning the gated layers' weights too (`--train-weights`), and
-what the weak tasks (RTE, CoLA) need.
+"""Issue 10, rounds 7-19: what lifts the gates' accuracy at 40% removed: distillation from a
+finetuned teacher (`--teacher`), finetuning the gated layers' weights too (`--train-weights`),
+what the weak tasks (RTE, CoLA) need (rounds 7-15), and closing units by Taylor importance instead
+of by gate drift (rounds 16-19: the `taylor` schedule, the default `finetune` recipe).
 
     # on the GPU (device tool; carry .carry/glue and .carry/minilm), each config in turn:
     nvidia-cuda-mps-control -d
     python -m benchmarks.glue run --config benchmarks/capacity.json --out runs/capacity \
         --model .carry/minilm --glue .carry/glue --parallel 24 --deadline 480 --kill 555
-    #   ... then capacity2.json (round 8), capacity3.json (9), ..., capacity9.json (round 15)
+    #   ... then capacity2.json (round 8), capacity3.json (9), ..., capacity13.json (round 19)
     # here, on the CPU, from the run directories brought back:
     python -m benchmarks.capacity report
 
@@ -29,15 +30,27 @@ from pathlib import Path
 from benchmarks.gate_study import MAIN_METRIC, steps_to_target
 from benchmarks.glue import add_measure_options, collect, measure, select
 
-TASKS = ["mrpc", "stsb", "sst2", "rte", "cola"]
+TASKS = ["mrpc", "stsb", "sst2", "rte", "cola", "wnli"]
 REFERENCE = {"mrpc": 81.6, "stsb": 86.8, "sst2": 90.5, "rte": 62.8}  # the issue's full-finetuning reference
-ORDER = ["full FT", "gates", "gates-kd", "gates-w", "gates-w-lr5e-5", "gates-w-kd", "gwkd-ft", "gwkd-norm", "gwkd-head",
+ORDER = ["full FT", "finetune", "finetune-s50", "tay-qft", "tay-qft-lr1e-5", "tay-qft-s36", "tay-qft-early",
+         "tay-qft-lr5e-5", "tay", "tay-w", "gates", "gates-kd", "gates-w", "gates-w-lr5e-5", "gates-w-kd", "gwkd-ft", "gwkd-norm", "gwkd-head",
          "gwkd-lr5e-5", "gwkd-warm40", "gwkd-lr5e-5-warm40", "gwkd-s0", "gwkd-head-s0", "gw-s0", "gw-s0-quiet",
          "gw-s0-quiet-ft", "gw-quiet-ft", "gw-quiet-ft-lr1e-2", "qft-warm50", "qft-s20", "qft-warm50-s20", "qft-lr3e-3",
          "teacher"]
 QUIET_FT = "gates start at 1, no gate noise, LayerNorms trainable, head/biases/LayerNorms at 2e-5"
+TAYLOR = "units closed by Taylor importance (schedule taylor)"
 WHAT = {
-    "full FT": "full finetuning (GLUE grid, 3 seeds; SST-2: the teacher run, 3 epochs)",
+    "full FT": "full finetuning (GLUE grid, 3 seeds; MRPC seeds 3-4 here; SST-2: the teacher run, 3 epochs)",
+    "finetune": "the default recipe (--recipe finetune; SST-2 at 2 epochs; STS-B, RTE, CoLA: tay-qft's runs, the "
+                "same configuration)",
+    "finetune-s50": "the default recipe at a 50% target (SST-2 at 2 epochs)",
+    "tay-qft": f"gates-w, {QUIET_FT}, gate lr 1e-3, {TAYLOR} (= finetune)",
+    "tay-qft-lr1e-5": "tay-qft at gate lr 1e-5 (gates barely move: close to pure masks)",
+    "tay-qft-s36": "tay-qft at a 36% target",
+    "tay-qft-early": "tay-qft closing from 10% to 60% of steps (not 20% to 70%)",
+    "tay-qft-lr5e-5": "tay-qft with weights, head, biases and LayerNorms at 5e-5",
+    "tay": f"default recipe of rounds 1-15 (fast, frozen weights), {TAYLOR}",
+    "tay-w": f"gates-w, {TAYLOR}",
     "gates": "default recipe, frozen weights (GLUE grid; SST-2 here at 3 epochs)",
     "gates-kd": "+ logit distillation from the teacher (kd_weight 0.5, T 2)",
     "gates-w": "+ gated layers' weights finetune (lr 2e-5)",
@@ -65,16 +78,19 @@ WHAT = {
 
 
 def rows_with_grid(runs: Path, grid: Path) -> list[dict]:
-    """This study's runs, plus the GLUE grid's default-recipe and full-finetuning runs of the tasks
-    where this study did not re-run them."""
-    rows = select(collect(runs))
-    grid_rows = json.loads(grid.read_text())["runs"]
-    own = {(r["method"], r["task"]) for r in rows}
-    for r in grid_rows:
+    """This study's runs, plus the GLUE grid's runs of the old default recipe (`gates`) and of full
+    finetuning for the seeds this study did not run (SST-2 is this study's: 3 epochs), plus
+    tay-qft's runs as the `finetune` recipe's on the tasks that recipe was not re-run on under its name."""
+    rows = [{**r, "method": "full FT"} if r["method"] == "full" else r for r in select(collect(runs))]
+    own = {(r["method"], r["task"], r["seed"]) for r in rows}
+    for r in json.loads(grid.read_text())["runs"]:
         name = {"gates": "gates", "full": "full FT"}.get(r["method"])
-        if name and r["task"] in TASKS and (name, r["task"]) not in own and not (name == "full FT" and r["task"] == "sst2"):
+        if name and r["task"] in TASKS and r["task"] != "sst2" and (name, r["task"], r["seed"]) not in own:
             rows.append({**r, "method": name, "source": "glue grid"})
     rows += [{**r, "method": "full FT", "source": "teacher"} for r in rows if r["method"] == "teacher" and r["task"] == "sst2"]
+    recipe_tasks = {r["task"] for r in rows if r["method"] == "finetune"}
+    rows += [{**r, "method": "finetune", "source": "tay-qft"} for r in rows
+             if r["method"] == "tay-qft" and r["task"] not in recipe_tasks]
     return rows
 
 
@@ -162,7 +178,8 @@ def curve_plot(runs: Path, folder: Path) -> str:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for method in ("teacher", "gates-w", "gw-s0", "gw-s0-quiet", "gw-s0-quiet-ft", "gw-quiet-ft-lr1e-2", "qft-warm50-s20"):
+    for method in ("teacher", "gates-w", "gw-s0", "gw-s0-quiet", "gw-s0-quiet-ft", "gw-quiet-ft-lr1e-2", "qft-warm50-s20",
+                   "tay-w", "tay-qft"):
         for log in sorted(runs.glob(f"{method}/lr*/rte-s0/metrics.jsonl")):
             hist = [json.loads(line) for line in log.read_text().splitlines()]
             ax.plot([h["epoch"] for h in hist], [100 * h["dev"][MAIN_METRIC["rte"]] for h in hist], marker="o", ms=3,
@@ -218,7 +235,7 @@ def cmd_report(args) -> None:
     if args.measure:
         measure(own, args.threads, args.runs_per_model)
     lines = summary(rows)
-    main = ["full FT", "gates", "gates-kd", "gates-w", "gates-w-kd", "gwkd-ft"]
+    main = ["full FT", "finetune", "gates", "tay", "gates-w", "tay-w", "gates-w-kd"]
     figures = [bar_plot(lines, Path(args.figures), main), curve_plot(Path(args.runs), Path(args.figures))]
     meta = {"commit": git_commit(), "report_machine": platform.platform(),
             "train_device": sorted({r["device"] for r in own}), "summary": lines, "reference": REFERENCE}

@@ -30,7 +30,8 @@ TIMING = ("train_seconds", "seconds_per_step", "samples_per_second", "peak_memor
 def _train(out: Path, model: Path, task: tuple[Path, Path], *extra: str) -> subprocess.Popen:
     args = ["train", "--out", out, "--model", model, "--train-file", task[0], "--eval-file", task[1],
             "--text-columns", "text", "--batch-size", "4", "--epochs", "8", "--evals-per-epoch", "2",
-            "--checkpoint-every", "5", "--trace-every", "3", "--no-progress", "--device", "cpu", *extra]
+            "--checkpoint-every", "5", "--trace-every", "3", "--no-progress", "--device", "cpu",
+            "--recipe", "fast", *extra]  # fast: noisy gates, one more generator to restore
     return _cli(*args)
 
 
@@ -131,16 +132,16 @@ class _Cut(Exception):
     pass
 
 
-def _methods() -> list[str]:
+def _methods() -> list[tuple[str, str | None]]:
     from finegates.methods import METHODS, get_method
 
     get_method("gates")  # registers the baselines
-    return sorted(METHODS)
+    return sorted((m, None) for m in METHODS) + [("gates", "fast")]  # gates: default (finetune) and fast
 
 
-@pytest.mark.parametrize("method", _methods())
-def test_every_method_resumes_bit_exactly(tiny_model, tmp_path, method, monkeypatch):
-    """Each method's state (controller lambda, GMP masks, PST sparsity...) must come back exactly."""
+@pytest.mark.parametrize("method,recipe", _methods())
+def test_every_method_resumes_bit_exactly(tiny_model, tmp_path, method, recipe, monkeypatch):
+    """Each method's state (Taylor importances, GMP masks, PST sparsity...) must come back exactly."""
     from finegates.checkpoint import config_from_run
     from finegates.methods import METHODS
     from finegates.train import TrainConfig, train
@@ -150,7 +151,7 @@ def test_every_method_resumes_bit_exactly(tiny_model, tmp_path, method, monkeypa
     options = {"gmp": {"freq": 4}}.get(method, {})  # mask updates between checkpoints
     kw = dict(model=str(model), train_file=task[0], eval_file=task[1], text_columns=("text",), method=method,
               method_options=options, sparsity=0.5, batch_size=8, epochs=3, evals_per_epoch=2,
-              checkpoint_every=5, max_length=16, progress=False, device="cpu")
+              checkpoint_every=5, max_length=16, progress=False, device="cpu", **({"recipe": recipe} if recipe else {}))
     ref = train(TrainConfig(out=tmp_path / "ref", **kw))
 
     real = METHODS[method].after_step

@@ -118,13 +118,13 @@ def test_train_weights_trains_saves_reloads_and_compresses(tiny, tmp_path):  # n
     assert report["max_abs_diff"] < 1e-4 and report["prediction_agreement"] == 1.0
 
 
-def test_frozen_weights_stay_pretrained_by_default(tiny, tmp_path):  # noqa: F811
+def test_frozen_weights_stay_pretrained_with_the_fast_recipe(tiny, tmp_path):  # noqa: F811
     run = tmp_path / "g"
-    train(cfg_for(tiny, "gates", out=run, max_steps=2))
+    train(cfg_for(tiny, "gates", out=run, max_steps=2, recipe="fast"))
     assert not any(k.endswith("base.weight") for k in load_file(str(run / "trainable.safetensors")))
 
 
-def test_cli_passes_teacher_and_weights_and_refuses_a_lone_weight_lr(tiny, tmp_path):  # noqa: F811
+def test_cli_passes_teacher_and_weights_and_refuses_a_weight_lr_for_frozen_weights(tiny, tmp_path):  # noqa: F811
     from typer.testing import CliRunner
 
     from finegates.cli import app
@@ -140,9 +140,13 @@ def test_cli_passes_teacher_and_weights_and_refuses_a_lone_weight_lr(tiny, tmp_p
     config = json.loads((tmp_path / "s" / "config.json").read_text())
     assert config["train"]["teacher"] == str(teacher) and config["train"]["kd_weight"] == 0.7
     assert config["method_config"]["weight_lr"] == 1e-4 and config["method_config"]["gate"]["train_weights"] is True
-    bad = CliRunner().invoke(app, common + ["--out", str(tmp_path / "b"), "--weight-lr", "1e-4"])
-    assert bad.exit_code != 0 and "--weight-lr needs --train-weights" in bad.output
-    assert not (tmp_path / "b").exists()
+    for frozen in (["--recipe", "fast"], ["--freeze-weights"]):
+        bad = CliRunner().invoke(app, common + ["--out", str(tmp_path / "b"), "--weight-lr", "1e-4", *frozen])
+        assert bad.exit_code != 0 and "--weight-lr needs trained weights" in bad.output
+        assert not (tmp_path / "b").exists()
+    ok = CliRunner().invoke(app, common + ["--out", str(tmp_path / "d"), "--weight-lr", "1e-4"])  # default: trained
+    assert ok.exit_code == 0, ok.output
+    assert json.loads((tmp_path / "d" / "config.json").read_text())["method_config"]["weight_lr"] == 1e-4
 
 
 def test_a_run_short_of_its_target_is_flagged():
