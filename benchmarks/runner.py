@@ -1,7 +1,8 @@
 """Run many small trainings concurrently (one process each), resumable, with a deadline.
 
 Used by the GPU benchmarks: a small model leaves a big GPU mostly idle, so N processes share it.
-A job whose RUN_DIR/metrics.json exists is skipped, so a killed or timed-out grid resumes.
+A job whose RUN_DIR/metrics.json exists (and, with `_compress`, its compress report) is skipped,
+so a killed or timed-out grid resumes.
 
     python -m benchmarks.runner one '{"out": "...", "task": "mrpc", ...}'   # one TrainConfig as JSON
 """
@@ -49,8 +50,16 @@ def run_one(cfg_json: str) -> None:
     if compress:  # runs too large to bring back: check the compression here, keep only its report
         from finegates.compress import WEIGHTS, compress_run
 
-        compress_run(cfg.out, cfg.out / "compressed", limit=64)
+        compress_run(cfg.out, cfg.out / "compressed", limit=64)  # writes compressed/REPORT
         (cfg.out / "compressed" / WEIGHTS).unlink()
+
+
+def _finished(job: dict) -> bool:
+    """Trained, and compressed where the job asks for it (a kill may fall between the two)."""
+    from finegates.compress import REPORT
+
+    out = Path(job["out"])
+    return (out / "metrics.json").exists() and not (job.get("_compress") and not (out / "compressed" / REPORT).exists())
 
 
 def _startable(job: dict, todo: list[dict], running: list) -> bool | None:
@@ -69,7 +78,7 @@ def run_grid(jobs: list[dict], parallel: int, deadline_s: float, log_dir: Path, 
     (default: the deadline). A killed job resumes from its last checkpoint when run again. A job
     with `_after` (a run directory) waits until that run is complete, while later jobs go first."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    todo = [j for j in jobs if not (Path(j["out"]) / "metrics.json").exists()]
+    todo = [j for j in jobs if not _finished(j)]
     todo.sort(key=lambda j: (j.pop("_priority", 0), -j.pop("_cost", 1)))
     kill_s = deadline_s if kill_s is None else max(kill_s, deadline_s)
     start, running, done, failed = time.time(), [], 0, []

@@ -188,7 +188,7 @@ def test_gates_train_on_decoder_classifier(decoders, family, tmp_path):
     train_file, eval_file = write_task(tmp_path / "data", n_train=32, n_eval=8)
     cfg = TrainConfig(out=tmp_path / "run", model=str(decoders[family]), train_file=train_file, eval_file=eval_file,
                       text_columns=("text",), batch_size=8, max_steps=3, epochs=1, progress=False,
-                      device="cpu", lr=5e-2)
+                      device="cpu", lr=5e-2, recipe="fast")
     result = train(cfg)
     assert result["complete"] and result["steps"] == 3
     # every linear of every block gated (7 roles x 2 layers), the score head trained
@@ -242,3 +242,20 @@ def test_cli_models_prepare_gguf_missing_file(fake_package, tmp_path):
     r = CliRunner().invoke(app, ["models", "prepare", "smollm2", "--cache-dir", str(tmp_path / "c"),
                                  "--gguf", str(tmp_path / "nope.gguf")])
     assert r.exit_code == 2 and "GGUF file not found" in r.output
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_default_recipe_closes_swiglu_units_and_compresses_exactly(decoders, family, tmp_path):
+    """The finetune recipe's Taylor schedule closes SwiGLU units (gate, up and down together)."""
+    from finegates.compress import compress_run
+    from finegates.train import TrainConfig, train
+
+    train_file, eval_file = write_task(tmp_path / "data", n_train=32, n_eval=8)
+    cfg = TrainConfig(out=tmp_path / "run", model=str(decoders[family]), train_file=train_file, eval_file=eval_file,
+                      text_columns=("text",), batch_size=8, max_steps=6, epochs=2, progress=False, device="cpu",
+                      sparsity=0.3)
+    result = train(cfg)
+    assert result["recipe"] == "finetune" and 0.3 <= result["removable_fraction"] < 0.35
+    report = compress_run(tmp_path / "run", tmp_path / "small", 8)
+    assert report["layer_linear_removed_fraction"] == pytest.approx(result["removable_fraction"])
+    assert report["max_abs_diff"] < 1e-4 and report["prediction_agreement"] == 1.0

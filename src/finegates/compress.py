@@ -35,6 +35,7 @@ from .pooling import restore_pooling
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
+REPORT = "compress_report.json"  # what compress_run found: removed fractions, exactness, the compressed widths
 
 
 class CompressedModelError(ValueError):
@@ -315,7 +316,7 @@ def save_compressed(model: nn.Module, tokenizer, out_dir, report: dict | None = 
                 if f.is_file():
                     atomic_write(out / f.name, lambda t, src=f: os.replace(src, t))
     if report is not None:
-        write_json(out / "compress_report.json", report)
+        write_json(out / REPORT, report)
     config = model.config.to_dict()
     config["finegates"] = fg
     write_json(out / "config.json", config)
@@ -388,7 +389,7 @@ def logits(model: nn.Module, batches: list[dict]) -> torch.Tensor:
 def compress_run(run_dir, out_dir, limit: int = 64) -> dict:
     """Rebuild a run's gated model, compress it, check it on `limit` eval examples, save it.
 
-    Returns the report (also written to OUT_DIR/compress_report.json).
+    Returns the report (also written to OUT_DIR/compress_report.json, `REPORT`).
     """
     from .runs import eval_batches, load_run, read_run_config
 
