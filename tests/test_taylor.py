@@ -146,3 +146,13 @@ def test_default_recipe_finetunes_weights_hits_the_target_and_compresses_exactly
     report = compress_run(run, tmp_path / "small", 16)
     assert report["layer_linear_removed_fraction"] == pytest.approx(result["removable_fraction"])
     assert report["max_abs_diff"] < 1e-4 and report["prediction_agreement"] == 1.0
+
+
+def test_blocks_without_gated_mlp_units_are_left_alone():
+    """With only some blocks gated, the schedule ranks and closes the gated blocks' units only."""
+    model = _bert()
+    apply_gates(model, GateConfig(param=OPEN, layers=(1,)))
+    reg = Regularizer(model, RegConfig(kind="budget", schedule="taylor", units=("mlp",), sparsity=0.2))
+    _steps(model, reg, range(3))
+    assert reg.importance.numel() == 64 and reg.removed_fraction() >= 0.2
+    assert _mlp_gates(model, 1)[1].closed().any()

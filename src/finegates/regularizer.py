@@ -101,11 +101,14 @@ class Regularizer(nn.Module):
         self.lam = cfg.lam
         self.target = cfg.sparsity
         self.importance: torch.Tensor | None = None  # schedule taylor: one score per MLP unit, all blocks
+        # schedule taylor: the blocks whose MLP units have gates, and those gates
+        self.unit_blocks = [(lay, gated, self._unit_gates(gated)) for lay, gated in self.blocks]
+        self.unit_blocks = [b for b in self.unit_blocks if b[2]]
         if cfg.schedule == "taylor":
-            if not any(self._unit_gates(gated) for _, gated in self.blocks):
+            if not self.unit_blocks:
                 raise ValueError("schedule 'taylor' needs gated MLP layers (roles up/down): none are gated")
-            for _, gated in self.blocks:
-                for g in self._unit_gates(gated):
+            for *_, gates in self.unit_blocks:
+                for g in gates:
                     g.track_taylor = True
 
     @staticmethod
@@ -199,8 +202,8 @@ class Regularizer(nn.Module):
         open units until the hard removed fraction reaches this step's scheduled target."""
         if self.cfg.schedule != "taylor":
             return
-        scores = [sum(g.pop_taylor() for g in self._unit_gates(gated)) for _, gated in self.blocks]
-        sq = all_mean(torch.cat([s.flatten() for s in scores])) ** 2  # every process closes the same units
+        scores = torch.cat([sum(g.pop_taylor() for g in gates) for *_, gates in self.unit_blocks])
+        sq = all_mean(scores) ** 2  # every process closes the same units
         decay = self.cfg.importance_decay
         self.importance = sq if self.importance is None else decay * self.importance + (1.0 - decay) * sq
         if step >= self.cfg.start_step and self.cfg.sparsity > 0.0:
@@ -212,7 +215,7 @@ class Regularizer(nn.Module):
         if need <= 0:
             return
         open_, cost = [], []
-        for lay, gated in self.blocks:
+        for lay, gated, _ in self.unit_blocks:
             units = keep(self._open(gated, hard=True), lay)["mlp"] > 0
             open_.append(units)
             cost.append(torch.full(units.shape, float(mlp_unit_cost(lay)), device=units.device))
@@ -225,11 +228,10 @@ class Regularizer(nn.Module):
         chosen = torch.zeros_like(open_)
         chosen[order[:k]] = True
         start = 0
-        for lay, gated in self.blocks:
-            n = lay.intermediate
-            mask = chosen[start:start + n]
-            start += n
-            for g in self._unit_gates(gated):
+        for lay, _, gates in self.unit_blocks:
+            mask = chosen[start:start + lay.intermediate]
+            start += lay.intermediate
+            for g in gates:
                 g.close(mask)
 
     def _values(self, gated: dict[str, GatedLinear]) -> dict[str, torch.Tensor]:
