@@ -46,7 +46,8 @@ def run_one(cfg_json: str) -> None:
     job = json.loads(cfg_json)
     compress = job.pop("_compress", False)
     cfg = TrainConfig(**job)
-    train(cfg, resume=(cfg.out / "checkpoint").is_dir())  # a grid killed at its deadline goes on
+    # a grid killed at its deadline goes on; a run killed after training (before compressing) is not redone
+    train(cfg, resume=(cfg.out / "checkpoint").is_dir() or (cfg.out / "metrics.json").is_file())
     if compress:  # runs too large to bring back: check the compression here, keep only its report
         from finegates.compress import WEIGHTS, compress_run
 

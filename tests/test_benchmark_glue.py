@@ -85,3 +85,30 @@ def test_teacher_jobs_wait_for_the_teachers_seed_zero_run(tmp_path):
     (Path(teachers["mrpc"]["out"]) / "metrics.json").parent.mkdir(parents=True)
     (Path(teachers["mrpc"]["out"]) / "metrics.json").write_text("{}")
     assert _startable(student, [], []) is True
+
+
+def test_a_run_killed_between_training_and_compressing_is_compressed_not_retrained(tmp_path, monkeypatch):
+    import json
+
+    import finegates.compress
+    import finegates.train
+    from benchmarks.runner import _finished, run_one
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")
+    job = {"out": str(out), "task": "mrpc", "data_dir": str(tmp_path), "_compress": True}
+    assert not _finished(job) and _finished({k: v for k, v in job.items() if k != "_compress"})
+    calls = []
+    monkeypatch.setattr(finegates.train, "train", lambda cfg, resume: calls.append(("train", resume)))
+
+    def compress(run, dest, limit):
+        calls.append(("compress", Path(dest)))
+        dest.mkdir()
+        (dest / finegates.compress.WEIGHTS).write_bytes(b"")
+        (dest / finegates.compress.REPORT).write_text("{}")
+
+    monkeypatch.setattr(finegates.compress, "compress_run", compress)
+    run_one(json.dumps(job))
+    assert calls == [("train", True), ("compress", out / "compressed")]  # resume=True: a complete run returns as is
+    assert _finished(job) and not (out / "compressed" / finegates.compress.WEIGHTS).exists()
