@@ -28,7 +28,7 @@ import statistics
 from pathlib import Path
 
 from benchmarks.gate_study import MAIN_METRIC, steps_to_target
-from benchmarks.glue import add_measure_options, collect, measure, select
+from benchmarks.glue import add_report_parser, collect, measure, select
 
 TASKS = ["mrpc", "stsb", "sst2", "rte", "cola", "wnli"]
 REFERENCE = {"mrpc": 81.6, "stsb": 86.8, "sst2": 90.5, "rte": 62.8}  # the full-finetuning reference
@@ -260,13 +260,9 @@ def cmd_report(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("report")
-    s.add_argument("--runs", default="runs/capacity")
+    s = add_report_parser(sub, cmd_report, runs="runs/capacity", results="benchmarks/results/capacity.json",
+                          figures="docs/figures/r7")
     s.add_argument("--grid", default="benchmarks/results/glue.json", help="the GLUE grid's results")
-    s.add_argument("--results", default="benchmarks/results/capacity.json")
-    s.add_argument("--figures", default="docs/figures/r7")
-    add_measure_options(s)
-    s.set_defaults(fn=cmd_report)
     args = p.parse_args()
     args.fn(args)
 

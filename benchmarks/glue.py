@@ -292,6 +292,18 @@ SWEEP = ("gates-s20", "gates-s30", "gates-s50")
 TASK_ORDER = ["cola", "sst2", "mrpc", "stsb", "rte", "wnli"]
 
 
+def add_report_parser(sub, fn, runs: str, results: str, figures: str) -> argparse.ArgumentParser:
+    """The `report` subcommand of every report over GLUE-harness runs: where the runs are, where the
+    results and figures go, and `measure`'s options."""
+    s = sub.add_parser("report")
+    s.add_argument("--runs", default=runs)
+    s.add_argument("--results", default=results)
+    s.add_argument("--figures", default=figures)
+    add_measure_options(s)
+    s.set_defaults(fn=fn)
+    return s
+
+
 def add_measure_options(parser: argparse.ArgumentParser) -> None:
     """The options of `measure` (compression and CPU timing), for every report that calls it."""
     parser.add_argument("--threads", type=int, default=2)
@@ -313,12 +325,8 @@ def main() -> None:
                    "(they resume from their last checkpoint next time); default: --deadline")
     r.add_argument("--leading", default=None, help="JSON {method: {task: lr}}: run these lrs first within a seed")
     r.set_defaults(fn=cmd_run)
-    s = sub.add_parser("report")
-    s.add_argument("--runs", default="runs/glue")
-    s.add_argument("--results", default="benchmarks/results/glue.json")
-    s.add_argument("--figures", default="benchmarks/results/figures")
-    add_measure_options(s)
-    s.set_defaults(fn=cmd_report)
+    add_report_parser(sub, cmd_report, runs="runs/glue", results="benchmarks/results/glue.json",
+                      figures="benchmarks/results/figures")
     args = p.parse_args()
     args.fn(args)
 

@@ -216,11 +216,11 @@ def train(
 
 def _trains_weights(recipe: str, flag: bool | None) -> bool:
     """Whether a run trains the gated layers' weights: --train-weights/--freeze-weights, else the recipe."""
-    from .recipes import RECIPES
+    from .recipes import RECIPES, get_recipe
 
     if flag is not None or recipe not in RECIPES:  # an unknown recipe fails later, with the recipe list
         return bool(flag)
-    return RECIPES[recipe]().gate.train_weights
+    return get_recipe(recipe).gate.train_weights
 
 
 def _recipe_options(prune_units: str | None, weight_lr: float | None) -> dict:

@@ -102,8 +102,7 @@ class Regularizer(nn.Module):
         self.target = cfg.sparsity
         self.importance: torch.Tensor | None = None  # schedule taylor: one score per MLP unit, all blocks
         # schedule taylor: the blocks whose MLP units have gates, and those gates
-        self.unit_blocks = [(lay, gated, self._unit_gates(gated)) for lay, gated in self.blocks]
-        self.unit_blocks = [b for b in self.unit_blocks if b[2]]
+        self.unit_blocks = [(lay, gated, gates) for lay, gated in self.blocks if (gates := self._unit_gates(gated))]
         if cfg.schedule == "taylor":
             if not self.unit_blocks:
                 raise ValueError("schedule 'taylor' needs gated MLP layers (roles up/down): none are gated")
@@ -129,13 +128,14 @@ class Regularizer(nn.Module):
         return out
 
     # ---- counts -------------------------------------------------------------------------
+    @staticmethod
+    def _deletable(gated: dict[str, GatedLinear]) -> dict[str, Gate]:
+        """Each gated role's gate on its deletable side (DELETABLE_SIDE), where it has one."""
+        sides = {role: m.gates().get(DELETABLE_SIDE[role]) for role, m in gated.items()}
+        return {role: g for role, g in sides.items() if g is not None}
+
     def _open(self, gated: dict[str, GatedLinear], hard: bool) -> dict[str, torch.Tensor]:
-        out = {}
-        for role, m in gated.items():
-            g = m.gates().get(DELETABLE_SIDE[role])
-            if g is not None:
-                out[role] = (~g.closed()).float() if hard else g.open_prob()
-        return out
+        return {role: (~g.closed()).float() if hard else g.open_prob() for role, g in self._deletable(gated).items()}
 
     def kept_fraction(self, hard: bool = False) -> torch.Tensor:
         """Fraction of the blocks' linear parameters kept (expected, or hard with `hard=True`)."""
@@ -191,11 +191,10 @@ class Regularizer(nn.Module):
         return (soft[chosen] * cost[chosen]).sum() / cost[chosen].sum()
 
     # ---- taylor: close by importance ---------------------------------------------------------
-    @staticmethod
-    def _unit_gates(gated: dict[str, GatedLinear]) -> list[Gate]:
+    def _unit_gates(self, gated: dict[str, GatedLinear]) -> list[Gate]:
         """The gates of a block's MLP units (the deletable side of up, gate and down)."""
-        gates = [gated[r].gates().get(DELETABLE_SIDE[r]) for r in MLP_ROLES if r in gated]
-        return [g for g in gates if g is not None]
+        sides = self._deletable(gated)
+        return [sides[r] for r in MLP_ROLES if r in sides]
 
     def after_step(self, step: int) -> None:
         """With schedule taylor: update the units' importance, then close the least important
@@ -235,12 +234,7 @@ class Regularizer(nn.Module):
                 g.close(mask)
 
     def _values(self, gated: dict[str, GatedLinear]) -> dict[str, torch.Tensor]:
-        out = {}
-        for role, m in gated.items():
-            g = m.gates().get(DELETABLE_SIDE[role])
-            if g is not None:
-                out[role] = g.values()
-        return out
+        return {role: g.values() for role, g in self._deletable(gated).items()}
 
     def scheduled_target(self, step: int) -> float:
         ramp = self.cfg.ramp_steps
