@@ -3,7 +3,8 @@
     python -m finegates.demo [--epochs 2] [--out runs/demo]
 
 Prints the dev accuracy/F1, trainable parameters, the fraction of layer parameters removed, the
-gated-vs-compressed logit difference and the CPU latency of the dense and compressed models.
+gated-vs-compressed logit difference and the CPU latency of the dense and compressed models, and
+writes the same numbers, with the machine they came from, to OUT/demo.json.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .bench import BenchConfig, bench
+    from .bench import BenchConfig, bench, machine_info
     from .compress import compress_run
+    from .files import write_json
     from .train import TrainConfig, train
 
     console = Console()
@@ -65,6 +67,15 @@ def main() -> None:
     table.add_row("speedup", f"{1 / timing['latency_ratio']:.2f}x")
     table.add_row("training time", f"{t_train / 60:.1f} min")
     console.print(table)
+    write_json(args.out / "demo.json", {
+        "recipe": run["recipe"], "epochs": args.epochs, "dev": run["dev"], "trainable_params": run["trainable_params"],
+        "gate_params": run["gate_params"], "gated_off_fraction": run["gated_off_fraction"],
+        "layer_params_removed_fraction": report["layer_params_removed_fraction"],
+        "params_dense": report["params_dense"], "params_compressed": report["params_compressed"],
+        "max_abs_diff": report["max_abs_diff"], "threads": args.threads,
+        "latency_ms_dense": timing["latency_ms_dense"], "latency_ms_compressed": timing["latency_ms_compressed"],
+        "latency_ratio": timing["latency_ratio"], "train_minutes": t_train / 60, "machine": machine_info(),
+    })
     console.print(f"compressed model: {args.out / 'compressed'} (reload: finegates.load('{args.out / 'compressed'}'))")
 
 
