@@ -44,7 +44,7 @@ def bench_pst(out: Path) -> None:
     """PST's merged model is dense-shaped with zeros: time it against the dense model it came from."""
     import torch
 
-    from finegates.bench import BenchConfig, bench
+    from finegates.bench.latency import BenchConfig, bench
 
     torch.set_num_threads(BENCH["threads"])
     for task in TASKS:
@@ -57,8 +57,8 @@ def bench_pst(out: Path) -> None:
 
 
 def _compress_and_time(run: Path) -> dict:
-    from finegates.bench import BenchConfig, bench
-    from finegates.compress import compress_run
+    from finegates.bench.latency import BenchConfig, bench
+    from finegates.pipeline import compress_run
 
     small = run / "compressed"
     report = compress_run(run, small, limit=None)
@@ -116,7 +116,7 @@ def table(rows: list[dict]) -> str:
 def cmd_report(args) -> None:
     import torch
 
-    from finegates.bench import machine_info
+    from finegates.bench.latency import machine_info
 
     torch.set_num_threads(BENCH["threads"])
     rows = collect(Path(args.runs))

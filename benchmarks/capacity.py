@@ -5,9 +5,9 @@ of by gate drift (rounds 16-19: the `taylor` schedule, the default `finetune` re
 
     # on the GPU (device tool; carry .carry/glue and .carry/minilm), each config in turn:
     nvidia-cuda-mps-control -d
-    python -m benchmarks.glue run --config benchmarks/capacity.json --out runs/capacity \
+    python -m benchmarks.glue run --config benchmarks/archive/capacity.json --out runs/capacity \
         --model .carry/minilm --glue .carry/glue --parallel 24 --deadline 480 --kill 555
-    #   ... then capacity2.json (round 8), capacity3.json (9), ..., capacity13.json (round 19)
+    #   ... then archive/capacity2.json (round 8), capacity3.json (9), ..., capacity13.json (round 19)
     # here, on the CPU, from the run directories brought back:
     python -m benchmarks.capacity report
 

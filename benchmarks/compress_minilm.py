@@ -37,8 +37,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 @torch.no_grad()
 def hand_gates(model, target: float) -> float:
     """Close gates by magnitude until `target` of the blocks' linear parameters is removable."""
-    from finegates.arch import blocks, head_counts, spec_for
-    from finegates.regularizer import Regularizer, RegConfig
+    from finegates.core.arch import blocks, head_counts, spec_for
+    from finegates.training.regularizer import Regularizer, RegConfig
 
     spec = spec_for(model)
     H, _, D = head_counts(model.config, spec)
@@ -71,10 +71,10 @@ def _close(gate, importance: torch.Tensor, frac: float) -> None:
 
 
 def make_hand_run(src: Path, dst: Path, target: float) -> float:
-    from finegates.checkpoint import read_tensors
-    from finegates.files import save_tensors
-    from finegates.model import gate_state_dict
-    from finegates.runs import load_run
+    from finegates.training.checkpoint import read_tensors
+    from finegates.data.files import save_tensors
+    from finegates.core.model import gate_state_dict
+    from finegates.loaders import load_run
 
     model, _, _ = load_run(src)
     removed = hand_gates(model, target)
@@ -91,9 +91,10 @@ def make_hand_run(src: Path, dst: Path, target: float) -> float:
 def full_dev_check(run_dir: Path, model_dir: Path) -> dict:
     """Gated vs compressed on the whole dev split: accuracy of each, agreement, max |logit diff|."""
     import finegates
-    from finegates.runs import load_run, read_run_config
-    from finegates.tasks import load_glue
-    from finegates.train import Encoded
+    from finegates.loaders import load_run
+    from finegates.training.checkpoint import read_run_config
+    from finegates.data.tasks import load_glue
+    from finegates.data.encoding import Encoded
 
     gated, tok, _ = load_run(run_dir)
     compressed = finegates.load(model_dir)
@@ -118,7 +119,8 @@ def full_dev_check(run_dir: Path, model_dir: Path) -> dict:
 def onnx_check(model_dir: Path, run_dir: Path, out: Path) -> dict:
     import finegates
     from finegates.export import export_onnx, onnx_max_abs_diff
-    from finegates.runs import eval_batches, load_run
+    from finegates.pipeline import eval_batches
+    from finegates.loaders import load_run
 
     model = finegates.load(model_dir)
     _, tok, _ = load_run(run_dir)
@@ -216,9 +218,9 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-    from finegates.bench import BenchConfig, bench, print_table
-    from finegates.compress import compress_run
-    from finegates.files import write_json
+    from finegates.bench.latency import BenchConfig, bench, print_table
+    from finegates.pipeline import compress_run
+    from finegates.data.files import write_json
 
     run = args.run
     if args.hand is not None:

@@ -23,9 +23,9 @@ from benchmarks.runner import quiet
 
 
 def profile(method_name: str, model_location: str, batch: int, seq: int, steps: int) -> dict:
-    from finegates.methods import get_method
-    from finegates.models import load_classifier
-    from finegates.train import TrainConfig
+    from finegates.training.methods import get_method
+    from finegates.loaders import load_classifier
+    from finegates.training.config import TrainConfig
 
     cfg = TrainConfig(out=Path("unused"), task="mrpc", data_dir="unused", model=model_location, recipe="fast")  # as measured
     model = load_classifier(model_location, 2, False, "mean").train()
@@ -63,7 +63,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     quiet()
-    from finegates.models import resolve
+    from finegates.loaders import resolve
 
     location = resolve(args.model)
     rows = [profile(m, location, args.batch, args.seq, args.steps) for m in ("full", "gates")]

@@ -1,7 +1,7 @@
 """The gate-training recipe study (issue: gates that close selectively and fast).
 
     # on the GPU machine (device tool), data + fp16 MiniLM carried in .carry/:
-    python -m benchmarks.gate_study run --grid benchmarks/gate_study.json --out runs/study \
+    python -m benchmarks.gate_study run --grid benchmarks/archive/gate_study.json --out runs/study \
         --model .carry/minilm --glue .carry/glue --parallel 14 --deadline 500
     # here, from the run directories brought back:
     python -m benchmarks.gate_study report --runs runs/study
@@ -183,7 +183,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
-    r.add_argument("--grid", default="benchmarks/gate_study.json")
+    r.add_argument("--grid", default="benchmarks/archive/gate_study.json")
     r.add_argument("--out", default="runs/study")
     r.add_argument("--model", default=None)
     r.add_argument("--glue", default="/work/shared/data/glue")

@@ -113,9 +113,10 @@ def select(rows: list[dict]) -> list[dict]:
 def measure(rows: list[dict], threads: int, runs: int) -> None:
     """Compress every structured run (all seeds: removed fraction, exactness) and time seed 0 of
     each method and task against the dense model on the CPU. Results are cached in the run dir."""
-    from finegates.bench import BenchConfig, bench
-    from finegates.compress import REPORT, WEIGHTS, compress_run
-    from finegates.files import write_json
+    from finegates.bench.latency import BenchConfig, bench
+    from finegates.compression.saved import REPORT, WEIGHTS
+    from finegates.pipeline import compress_run
+    from finegates.data.files import write_json
 
     todo = [r for r in rows if r["structured"]]
     for i, r in enumerate(todo):

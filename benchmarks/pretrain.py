@@ -55,7 +55,7 @@ def run_one(cfg_json: str) -> None:
 
     torch.set_num_threads(4 if torch.cuda.is_available() else 1)  # two processes share the CPU too
     quiet()
-    from finegates.pretrain import PretrainConfig, pretrain
+    from finegates.training.pretrain import PretrainConfig, pretrain
 
     cfg = PretrainConfig(**json.loads(cfg_json))
     pretrain(cfg, resume=(cfg.out / "checkpoint" / "state.pt").is_file())
@@ -80,9 +80,9 @@ def _launch(jobs: dict[str, dict], log_dir: Path, kill_at: float) -> dict[str, i
 def run(args) -> None:
     import torch
 
-    from finegates.compress import compress_run
-    from finegates.lm import evaluate_path
-    from finegates.pretrain import train_tokenizer
+    from finegates.pipeline import compress_run
+    from finegates.pipeline import evaluate_path
+    from finegates.training.scratch import train_tokenizer
 
     t0, out, data = time.time(), Path(args.out), Path(args.data)
     files = {s: data / f"wiki.{s}.tokens" for s in ("train", "valid", "test")}
@@ -187,11 +187,12 @@ def report(args) -> None:
     import torch
 
     from benchmarks.report import git_commit, write_results
-    from finegates.bench import machine_info
-    from finegates.bench_decoder import bench_generation
-    from finegates.compress import compress_run
-    from finegates.lm import evaluate_path, load_for_eval
-    from finegates.pretrain import relocate
+    from finegates.bench.latency import machine_info
+    from finegates.bench.decoder import bench_generation
+    from finegates.pipeline import compress_run
+    from finegates.pipeline import evaluate_path
+    from finegates.loaders import load_for_eval
+    from finegates.training.pretrain import relocate
 
     root = unpack(Path(args.bundle), Path(args.runs)) if args.bundle else Path(args.runs) / "pretrain"
     summary = json.loads((root / "summary.json").read_text())

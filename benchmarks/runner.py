@@ -41,7 +41,8 @@ def run_one(cfg_json: str) -> None:
 
     torch.set_num_threads(1)
     quiet()
-    from finegates.train import TrainConfig, train
+    from finegates.training.config import TrainConfig
+    from finegates.training.classify import train
 
     job = json.loads(cfg_json)
     compress = job.pop("_compress", False)
@@ -49,7 +50,8 @@ def run_one(cfg_json: str) -> None:
     # a grid killed at its deadline goes on; a run killed after training (before compressing) is not redone
     train(cfg, resume=(cfg.out / "checkpoint").is_dir() or (cfg.out / "metrics.json").is_file())
     if compress:  # runs too large to bring back: check the compression here, keep only its report
-        from finegates.compress import WEIGHTS, compress_run
+        from finegates.compression.saved import WEIGHTS
+        from finegates.pipeline import compress_run
 
         compress_run(cfg.out, cfg.out / "compressed", limit=64)  # writes compressed/REPORT
         (cfg.out / "compressed" / WEIGHTS).unlink()
@@ -57,7 +59,7 @@ def run_one(cfg_json: str) -> None:
 
 def _finished(job: dict) -> bool:
     """Trained, and compressed where the job asks for it (a kill may fall between the two)."""
-    from finegates.compress import REPORT
+    from finegates.compression.saved import REPORT
 
     out = Path(job["out"])
     return (out / "metrics.json").exists() and not (job.get("_compress") and not (out / "compressed" / REPORT).exists())

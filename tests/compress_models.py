@@ -10,7 +10,7 @@ from transformers import (
 )
 
 from finegates import GateConfig, GateParam, apply_gates
-from finegates.arch import blocks, spec_for
+from finegates.core.arch import blocks, spec_for
 
 _ENC = dict(vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
             intermediate_size=48, max_position_embeddings=64, num_labels=3)
@@ -63,7 +63,7 @@ def set_gates(model, pattern: str, seed: int = 0) -> None:
             g.theta.copy_(_theta(g.theta.numel(), gen, p_closed=0.3 if pattern == "random" else 0.15))
     if pattern == "random":
         return
-    from finegates.arch import head_counts
+    from finegates.core.arch import head_counts
 
     n_heads, n_kv, D = head_counts(model.config, spec)
     layer = blocks(model, spec)

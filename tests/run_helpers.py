@@ -14,7 +14,7 @@ def make_tiny_bert(folder: Path, seed: int = 0) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from finegates.models import default_model_path
+    from finegates.loaders import default_model_path
 
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

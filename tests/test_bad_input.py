@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from finegates.cli import app
-from finegates.tasks import GLUE, DataError, UserData, load_glue, read_glue_split
+from finegates.data.tasks import GLUE, DataError, UserData, load_glue, read_glue_split
 from run_helpers import make_tiny_bert, write_task
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -326,7 +326,7 @@ def test_cli_refuses_unusable_models(tmp_path, task, models, name, expected):
 def test_cli_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, task, tiny, monkeypatch):
     import torch
 
-    from finegates.methods import GatesMethod
+    from finegates.training.methods.gates import GatesMethod
 
     real = GatesMethod.extra_loss
 

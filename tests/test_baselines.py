@@ -16,15 +16,19 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
 
-from finegates.baselines import cubic_sparsity, load_trained, parse_options, prune_structured
-from finegates.baselines.gmp import GMPMethod
-from finegates.baselines.lora import LoraOptions
-from finegates.distill import SquareHead, squarehead_loss
-from finegates.methods import get_method
-from finegates.model import GateConfig, apply_gates, gate_parameters
-from finegates.models import default_model_path
-from finegates.regularizer import RegConfig, Regularizer
-from finegates.train import TrainConfig, train
+from finegates.training.schedules import cubic_sparsity
+from finegates.loaders import load_trained
+from finegates.training.methods.registry import parse_options
+from finegates.training.methods.magnitude import prune_structured
+from finegates.training.methods.gmp import GMPMethod
+from finegates.training.methods.lora import LoraOptions
+from finegates.training.distill import SquareHead, squarehead_loss
+from finegates.training.methods import get_method
+from finegates.core.model import GateConfig, apply_gates, gate_parameters
+from finegates.loaders import default_model_path
+from finegates.training.regularizer import RegConfig, Regularizer
+from finegates.training.config import TrainConfig
+from finegates.training.classify import train
 
 BASELINES = ("full", "bitfit", "lora", "pst", "gmp", "magnitude")
 WORDS = "good bad fine awful great poor nice terrible happy sad".split()
@@ -142,8 +146,8 @@ def test_distill_refused_where_unsupported(tiny):
 def test_cli_help_lists_every_option():
     from dataclasses import fields
 
-    from finegates.baselines import BASELINES as classes
-    from finegates.cli import METHOD_OPTIONS_HELP
+    from finegates.training.methods import BASELINES as classes
+    from finegates.cli.train import METHOD_OPTIONS_HELP
 
     for cls in classes:
         for f in fields(cls.Options):
@@ -303,8 +307,8 @@ def test_magnitude_on_rope_gqa_llama(tiny):
 
 def test_magnitude_run_is_a_gated_run(tiny):
     """config.json + trainable.safetensors rebuild the gated model the way a gates run does."""
-    from finegates.checkpoint import load_trainable
-    from finegates.gates import GateParam
+    from finegates.training.checkpoint import load_trainable
+    from finegates.core.gates import GateParam
 
     result = train(cfg_for(tiny, "magnitude", max_steps=2))
     run = tiny["root"] / "run-magnitude"
@@ -378,7 +382,7 @@ def test_train_end_to_end_writes_metrics(tiny, method):
     if config["method_config"].get("rebuild") == "dense":
         model = load_trained(run)
         if method in ("pst", "gmp"):
-            from finegates.baselines.base import block_linears
+            from finegates.training.methods.baseline import block_linears
 
             w = torch.cat([lin.weight.flatten() for _, lin in block_linears(model)])
             assert abs(float((w == 0).float().mean()) - result["unstructured_sparsity"]) < 1e-6

@@ -90,8 +90,9 @@ def test_teacher_jobs_wait_for_the_teachers_seed_zero_run(tmp_path):
 def test_a_run_killed_between_training_and_compressing_is_compressed_not_retrained(tmp_path, monkeypatch):
     import json
 
-    import finegates.compress
-    import finegates.train
+    import finegates.compression
+    import finegates.pipeline
+    import finegates.training.classify
     from benchmarks.runner import _finished, run_one
 
     out = tmp_path / "run"
@@ -100,15 +101,15 @@ def test_a_run_killed_between_training_and_compressing_is_compressed_not_retrain
     job = {"out": str(out), "task": "mrpc", "data_dir": str(tmp_path), "_compress": True}
     assert not _finished(job) and _finished({k: v for k, v in job.items() if k != "_compress"})
     calls = []
-    monkeypatch.setattr(finegates.train, "train", lambda cfg, resume: calls.append(("train", resume)))
+    monkeypatch.setattr(finegates.training.classify, "train", lambda cfg, resume: calls.append(("train", resume)))
 
     def compress(run, dest, limit):
         calls.append(("compress", Path(dest)))
         dest.mkdir()
-        (dest / finegates.compress.WEIGHTS).write_bytes(b"")
-        (dest / finegates.compress.REPORT).write_text("{}")
+        (dest / finegates.compression.WEIGHTS).write_bytes(b"")
+        (dest / finegates.compression.REPORT).write_text("{}")
 
-    monkeypatch.setattr(finegates.compress, "compress_run", compress)
+    monkeypatch.setattr(finegates.pipeline, "compress_run", compress)
     run_one(json.dumps(job))
     assert calls == [("train", True), ("compress", out / "compressed")]  # resume=True: a complete run returns as is
-    assert _finished(job) and not (out / "compressed" / finegates.compress.WEIGHTS).exists()
+    assert _finished(job) and not (out / "compressed" / finegates.compression.WEIGHTS).exists()

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import finegates
-from finegates.compress import (
-    CompressedModelError, _mlp_fold, compress, count_params, linear_params, predicted_kept, save_compressed,
-)
+from finegates.compression.saved import CompressedModelError, save_compressed
+from finegates.compression.exact import _mlp_fold, compress, linear_params, predicted_kept
+from finegates.core.model import count_params
 
 from compress_models import FAMILIES, gated, inputs
 

@@ -8,9 +8,9 @@ import torch
 from typer.testing import CliRunner
 
 import finegates
-from finegates.checkpoint import read_tensors
+from finegates.training.checkpoint import read_tensors
 from finegates.cli import app
-from finegates.files import save_tensors
+from finegates.data.files import save_tensors
 
 from run_helpers import make_tiny_bert, write_task
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from finegates.compress import compress
+from finegates.compression.exact import compress
 from finegates.export import export_onnx, onnx_max_abs_diff
 
 from compress_models import gated, inputs

@@ -3,8 +3,8 @@
 import torch
 
 from compress_models import FAMILIES, tiny
-from finegates.arch import blocks, spec_for
-from finegates.coupling import BlockLayout, keep, kept_params
+from finegates.core.arch import blocks, spec_for
+from finegates.core.coupling import BlockLayout, keep, kept_params
 
 ENC = BlockLayout(hidden=8, n_heads=2, n_kv_heads=2, head_dim=4, intermediate=6)
 ROPE_GQA = BlockLayout(hidden=8, n_heads=4, n_kv_heads=2, head_dim=4, intermediate=6, rope=True, swiglu=True)

@@ -13,7 +13,7 @@ from decoder_helpers import make_decoder
 from run_helpers import write_task
 
 from finegates import prepare as P
-from finegates.models import load_classifier, load_tokenizer, resolve
+from finegates.loaders import load_classifier, load_tokenizer, resolve
 
 
 # ---- prepare --------------------------------------------------------------------------------------
@@ -183,7 +183,8 @@ def test_padding_does_not_change_decoder_logits(decoders, family):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
 def test_gates_train_on_decoder_classifier(decoders, family, tmp_path):
-    from finegates.train import TrainConfig, train
+    from finegates.training.config import TrainConfig
+    from finegates.training.classify import train
 
     train_file, eval_file = write_task(tmp_path / "data", n_train=32, n_eval=8)
     cfg = TrainConfig(out=tmp_path / "run", model=str(decoders[family]), train_file=train_file, eval_file=eval_file,
@@ -247,8 +248,9 @@ def test_cli_models_prepare_gguf_missing_file(fake_package, tmp_path):
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_default_recipe_closes_swiglu_units_and_compresses_exactly(decoders, family, tmp_path):
     """The finetune recipe's Taylor schedule closes SwiGLU units (gate, up and down together)."""
-    from finegates.compress import compress_run
-    from finegates.train import TrainConfig, train
+    from finegates.pipeline import compress_run
+    from finegates.training.config import TrainConfig
+    from finegates.training.classify import train
 
     train_file, eval_file = write_task(tmp_path / "data", n_train=32, n_eval=8)
     cfg = TrainConfig(out=tmp_path / "run", model=str(decoders[family]), train_file=train_file, eval_file=eval_file,

@@ -23,7 +23,7 @@ def no_dropout_bert(tmp_path_factory) -> Path:
     """A tiny BERT without dropout: the only randomness left is shared by every rank (gate noise)."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from finegates.models import default_model_path
+    from finegates.loaders import default_model_path
 
     folder = tmp_path_factory.mktemp("bert")
     torch.manual_seed(0)

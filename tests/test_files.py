@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from finegates.files import atomic_write, write_json
+from finegates.data.files import atomic_write, write_json
 
 SLOW_WRITER = """
 import sys, time
 from pathlib import Path
-from finegates.files import atomic_write
+from finegates.data.files import atomic_write
 
 def write(tmp):
     with open(tmp, "w") as f:
@@ -55,14 +55,13 @@ def test_sigkill_mid_write_leaves_no_file_under_the_real_name(tmp_path):
 
 
 def test_a_new_run_clears_temporaries_of_a_killed_one(tmp_path):
-    """train.py's run-directory start removes the hidden temporaries a killed writer left."""
-    from finegates.train import TrainConfig, _prepare_run_dir
+    """The loop's run-directory start removes the hidden temporaries a killed writer left."""
+    from finegates.training.loop import _prepare_run_dir
 
     out = tmp_path / "run"
     out.mkdir()
     (out / ".metrics.json.abc.tmp").write_text("{")
     (out / "checkpoint").mkdir()
     (out / "checkpoint" / ".state.pt.xyz.tmp").write_bytes(b"\0")
-    cfg = TrainConfig(out=out, task="mrpc", data_dir=tmp_path)
-    _prepare_run_dir(cfg, None, {"format_version": 1})
+    _prepare_run_dir(out, None, {"format_version": 1})
     assert sorted(p.name for p in out.rglob("*")) == ["config.json"]

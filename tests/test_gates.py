@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from finegates.gates import Gate, GatedLinear, GateParam
+from finegates.core.gates import Gate, GatedLinear, GateParam
 
 PAPER = GateParam(mean_fn="tanh", init_mean=1.0, init_std=0.1, noise_std=0.1, reg_sigma=0.5)
 

@@ -13,8 +13,10 @@ import torch.nn.functional as F
 
 from decoder_helpers import make_decoder, write_text
 
-from finegates import lm
-from finegates.bench_decoder import bench_generation
+from finegates import loaders, pipeline
+from finegates.data import text
+from finegates.training import config, lm, perplexity as ppl, schedules
+from finegates.bench.decoder import bench_generation
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +26,9 @@ def llama(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_and_tok(llama):
-    from finegates.models import load_tokenizer
+    from finegates.loaders import load_tokenizer
 
-    return lm.load_causal_lm(str(llama)).eval(), load_tokenizer(str(llama))
+    return loaders.load_causal_lm(str(llama)).eval(), load_tokenizer(str(llama))
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +39,10 @@ def texts(tmp_path_factory):
 
 # ---- data -------------------------------------------------------------------------------------------
 def test_pack_drops_the_partial_block():
-    blocks = lm.pack(torch.arange(10), 4)
+    blocks = text.pack(torch.arange(10), 4)
     assert blocks.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    with pytest.raises(lm.LMDataError, match="fewer than one block"):
-        lm.pack(torch.arange(3), 4)
+    with pytest.raises(text.LMDataError, match="fewer than one block"):
+        text.pack(torch.arange(3), 4)
 
 
 def test_text_files_plain_gz_and_errors(tmp_path, model_and_tok):
@@ -48,21 +50,21 @@ def test_text_files_plain_gz_and_errors(tmp_path, model_and_tok):
     (tmp_path / "a.txt").write_text("the city grew")
     with gzip.open(tmp_path / "b.txt.gz", "wt") as f:
         f.write("good river")
-    ids = lm.tokenize_files([tmp_path / "a.txt", tmp_path / "b.txt.gz"], tok).tolist()
+    ids = text.tokenize_files([tmp_path / "a.txt", tmp_path / "b.txt.gz"], tok).tolist()
     a = tok("the city grew", add_special_tokens=False)["input_ids"]
     b = tok("good river", add_special_tokens=False)["input_ids"]
     assert ids == a + [tok.eos_token_id] + b
     (tmp_path / "empty.txt").write_text(" \n")
-    with pytest.raises(lm.LMDataError, match="empty"):
-        lm.read_text(tmp_path / "empty.txt")
-    with pytest.raises(lm.LMDataError, match="not found"):
-        lm.read_text(tmp_path / "missing.txt")
+    with pytest.raises(text.LMDataError, match="empty"):
+        text.read_text(tmp_path / "empty.txt")
+    with pytest.raises(text.LMDataError, match="not found"):
+        text.read_text(tmp_path / "missing.txt")
 
 
 @pytest.mark.parametrize("n,window,stride", [(10, 4, 2), (10, 4, 4), (11, 5, 3), (3, 8, 4), (9, 4, 1)])
 def test_windows_score_every_token_once(n, window, stride):
     scored = []
-    for begin, end, score_from in lm.windows(n, window, stride):
+    for begin, end, score_from in ppl.windows(n, window, stride):
         assert end - begin <= window and begin < score_from < end
         if begin > 0:
             assert score_from - begin >= max(1, window - stride)  # the promised minimum context
@@ -73,7 +75,7 @@ def test_windows_score_every_token_once(n, window, stride):
 
 def test_bad_window_is_refused():
     with pytest.raises(ValueError, match="stride"):
-        lm.windows(10, 4, 5)
+        ppl.windows(10, 4, 5)
 
 
 # ---- perplexity -------------------------------------------------------------------------------------
@@ -96,7 +98,7 @@ def _nll_by_hand(model, ids, window, stride):
 def test_perplexity_is_exp_mean_nll_by_hand(model_and_tok, window, stride):
     model, _ = model_and_tok
     ids = torch.randint(0, model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(0))
-    result = lm.perplexity(model, ids, window, stride, batch_size=3)
+    result = ppl.perplexity(model, ids, window, stride, batch_size=3)
     mean, count = _nll_by_hand(model, ids, window, stride)
     assert result["tokens"] == count == 39 - (40 - 1) // window * (stride == window) and (result["window"], result["stride"]) == (window, stride)
     assert result["nll"] == pytest.approx(mean, rel=1e-5)
@@ -106,8 +108,8 @@ def test_perplexity_is_exp_mean_nll_by_hand(model_and_tok, window, stride):
 def test_perplexity_does_not_depend_on_batch_size(model_and_tok):
     model, _ = model_and_tok
     ids = torch.randint(0, model.config.vocab_size, (100,), generator=torch.Generator().manual_seed(1))
-    a = lm.perplexity(model, ids, 16, 8, batch_size=1)["nll"]
-    b = lm.perplexity(model, ids, 16, 8, batch_size=5)["nll"]
+    a = ppl.perplexity(model, ids, 16, 8, batch_size=1)["nll"]
+    b = ppl.perplexity(model, ids, 16, 8, batch_size=5)["nll"]
     assert a == pytest.approx(b, rel=1e-6)
 
 
@@ -115,7 +117,7 @@ def test_perplexity_does_not_depend_on_batch_size(model_and_tok):
 @pytest.fixture(scope="module")
 def lm_run(llama, texts, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "lm"
-    cfg = lm.LMConfig(out=out, model=str(llama), text_files=(texts[0],), eval_text_file=texts[1], block_size=32,
+    cfg = config.LMConfig(out=out, model=str(llama), text_files=(texts[0],), eval_text_file=texts[1], block_size=32,
                       window=32, stride=16, batch_size=4, max_steps=4, evals=2, lr=5e-2, progress=False,
                       device="cpu", trace_every=2)
     return out, lm.train_lm(cfg)
@@ -138,31 +140,32 @@ def test_lm_run_writes_the_run_directory(lm_run, llama):
 
 def test_lm_run_reloads_and_evaluates_the_same(lm_run, texts):
     out, result = lm_run
-    again = lm.evaluate_path(out, texts[1], window=32, stride=16)
+    again = pipeline.evaluate_path(out, texts[1], window=32, stride=16)
     assert again["kind"] == "gated run"
     assert again["perplexity"] == pytest.approx(result["perplexity"], rel=1e-6)
 
 
 def test_gated_and_compressed_perplexity_agree(lm_run, texts, tmp_path):
-    from finegates.compress import compress, save_compressed
+    from finegates.compression.exact import compress
+    from finegates.compression.saved import save_compressed
 
     out, _ = lm_run
-    model, tok, _ = lm.load_lm_run(out)
+    model, tok, _ = loaders.load_lm_run(out)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # close ~30% of the gates, leave others fractional: a real compression
         for m in model.modules():
             for g in getattr(m, "gates", lambda: {})().values():
                 u = torch.rand(g.theta.shape, generator=gen)
                 g.theta.copy_(torch.where(u < 0.3, torch.full_like(u, -5.0), torch.atanh(u.clamp(0.05, 0.45))))
-    ids = lm.eval_ids(texts[1], tok)
-    gated = lm.perplexity(model, ids, 32, 16)
+    ids = text.eval_ids(texts[1], tok)
+    gated = ppl.perplexity(model, ids, 32, 16)
     gen_gated = bench_generation(model, tok, prompt_tokens=24, new_tokens=8, threads=1, runs=1, warmup=0)
     save_compressed(compress(model), tok, tmp_path / "small")
-    small = lm.evaluate_path(tmp_path / "small", texts[1], window=32, stride=16)
+    small = pipeline.evaluate_path(tmp_path / "small", texts[1], window=32, stride=16)
     assert small["kind"] == "compressed"
     assert small["nll"] == pytest.approx(gated["nll"], abs=1e-5)
     # KV-cache decoding through the compressed attention gives the same greedy tokens
-    compressed, _, _ = lm.load_for_eval(tmp_path / "small")
+    compressed, _, _ = loaders.load_for_eval(tmp_path / "small")
     gen_small = bench_generation(compressed, tok, prompt_tokens=24, new_tokens=8, threads=1, runs=1, warmup=0)
     assert gen_small["generated_ids"] == gen_gated["generated_ids"]
     assert gen_small["params"] < gen_gated["params"]
@@ -192,15 +195,15 @@ def test_cli_lm_train_and_eval(llama, texts, tmp_path):
 
 def test_lm_config_errors(tmp_path):
     with pytest.raises(ValueError, match="text-files"):
-        lm.LMConfig(out=tmp_path, eval_text_file=tmp_path / "e")
+        config.LMConfig(out=tmp_path, eval_text_file=tmp_path / "e")
     with pytest.raises(ValueError, match="stride"):
-        lm.LMConfig(out=tmp_path, text_files=(tmp_path / "t",), eval_text_file=tmp_path / "e", window=8, stride=16)
+        config.LMConfig(out=tmp_path, text_files=(tmp_path / "t",), eval_text_file=tmp_path / "e", window=8, stride=16)
 
 
 def test_cosine_schedule():
-    f = lm.lr_lambda("cosine", total=10, warmup=0)
+    f = schedules.lr_lambda("cosine", total=10, warmup=0)
     assert f(0) == 1.0 and f(5) == pytest.approx(0.5) and f(10) == pytest.approx(0.0)
-    g = lm.lr_lambda("constant", total=10, warmup=2)
+    g = schedules.lr_lambda("constant", total=10, warmup=2)
     assert (g(0), g(1), g(5)) == (0.5, 1.0, 1.0)
 
 
@@ -211,7 +214,7 @@ def test_bench_generation_matches_greedy_generate(model_and_tok):
     assert result["prefill_ms"]["median"] > 0 and result["decode_ms_per_token"]["median"] > 0
     assert result["decode_ms_per_token"]["all_steps"]["n"] == 2 * 5
     assert result["peak_rss_mb"] > 0 and result["params"] == sum(p.numel() for p in model.parameters())
-    from finegates.bench_decoder import prompt_ids
+    from finegates.bench.decoder import prompt_ids
 
     ids = prompt_ids(tok, 20)
     with torch.no_grad():
@@ -231,7 +234,7 @@ def test_bench_generation_refuses_too_long_prompts(model_and_tok):
 def test_eval_batches_for_compression(lm_run, model_and_tok):
     out, _ = lm_run
     _, tok = model_and_tok
-    batches = lm.eval_batches(out, tok, limit=3, length=16)
+    batches = pipeline.lm_eval_batches(out, tok, limit=3, length=16)
     assert len(batches) == 3 and all(b["input_ids"].shape == (1, 16) for b in batches)
 
 
@@ -247,3 +250,38 @@ def test_eval_refuses_encoders_and_classification_runs(tmp_path, texts):
     (run / "config.json").write_text(json.dumps({"train": {"method": "gates"}, "model_location": "x"}))
     r = CliRunner().invoke(app, ["eval", str(run), "--text-file", str(texts[1])])
     assert r.exit_code == 2 and "not a language-modelling run" in r.output
+
+
+def test_lm_run_killed_mid_way_resumes_to_the_same_run(llama, texts, tmp_path, monkeypatch):
+    """LM training goes through the one loop: a kill after a checkpoint resumes bit-exactly (CPU)."""
+    from safetensors.torch import load_file
+
+    from finegates.training.methods.gates import GatesMethod
+
+    def cfg(out):
+        return config.LMConfig(out=out, model=str(llama), text_files=(texts[0],), eval_text_file=texts[1],
+                               block_size=32, window=32, stride=16, batch_size=4, max_steps=6, evals=3, lr=5e-2,
+                               progress=False, device="cpu", eval_dense=False)
+
+    reference = lm.train_lm(cfg(tmp_path / "ref"))
+    real, calls = GatesMethod.extra_loss, []
+
+    def killed_in_step_5(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # after the step-4 checkpoint
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(GatesMethod, "extra_loss", killed_in_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        lm.train_lm(cfg(tmp_path / "cut"))
+    monkeypatch.setattr(GatesMethod, "extra_loss", real)
+    assert not (tmp_path / "cut" / "metrics.json").exists()
+    resumed = config.config_from_run(tmp_path / "cut")
+    assert isinstance(resumed, config.LMConfig)
+    again = lm.train_lm(resumed, resume=True)
+    assert again["resumed_from_step"] == 4 and again["perplexity"] == reference["perplexity"]
+    a, b = load_file(str(tmp_path / "cut" / "trainable.safetensors")), load_file(str(tmp_path / "ref" / "trainable.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    curve = [(tmp_path / d / "metrics.jsonl").read_text().splitlines() for d in ("cut", "ref")]
+    assert [json.loads(x) for x in curve[0]] == [json.loads(x) for x in curve[1]]

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from finegates.metrics import compute, main_score
+from finegates.data.metrics import compute, main_score
 
 
 def test_accuracy_and_f1():

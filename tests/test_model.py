@@ -5,9 +5,9 @@ import torch
 
 from compress_models import FAMILIES, tiny
 from finegates import GateConfig, apply_gates, gate_state_dict, gated_layers, load_gate_state_dict, merge_gates
-from finegates.arch import UnsupportedModelError, blocks, spec_for
-from finegates.gates import GateParam
-from finegates.model import count_gate_params, count_trainable, head_parameters
+from finegates.core.arch import UnsupportedModelError, blocks, spec_for
+from finegates.core.gates import GateParam
+from finegates.core.model import count_gate_params, count_trainable, head_parameters
 
 
 @pytest.mark.parametrize("family", FAMILIES)

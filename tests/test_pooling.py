@@ -7,10 +7,11 @@ import copy
 import pytest
 import torch
 
-from finegates.compress import compress, load, save_compressed
+from finegates.compression.exact import compress
+from finegates.compression.saved import load, save_compressed
 from finegates.export import export_onnx, onnx_max_abs_diff
-from finegates.models import default_model_path
-from finegates.pooling import apply_pooling, checkpoint_pooling, resolve_pooling
+from finegates.loaders import default_model_path
+from finegates.core.pooling import apply_pooling, checkpoint_pooling, resolve_pooling
 
 from compress_models import gated, inputs, tiny
 

@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 
 from decoder_helpers import write_text
 
-from finegates import lm, pretrain as P
-from finegates.checkpoint import RunError
+from finegates import loaders, pipeline
+from finegates.training import pretrain as P
+from finegates.training.checkpoint import RunError
 
 TINY = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "intermediate_size": 64, "max_position_embeddings": 128,
@@ -63,13 +64,14 @@ def test_dense_loss_decreases_and_the_model_folder_reloads(data, tmp_path):
     assert ppl[-1] < ppl[0] and ppl[-1] < 80  # an untrained model is near-uniform: ~300 over 300 tokens
     tok = AutoTokenizer.from_pretrained(tmp_path / "dense" / "model")  # a plain HF folder
     assert len(tok) == m["model_config"]["vocab_size"] == 300
-    again = lm.evaluate_path(tmp_path / "dense" / "model", data["test"], m["window"], m["stride"], device="cpu")
+    again = pipeline.evaluate_path(tmp_path / "dense" / "model", data["test"], m["window"], m["stride"], device="cpu")
     assert again["perplexity"] == pytest.approx(m["test_perplexity"], rel=1e-6)
     assert not (tmp_path / "dense" / "checkpoint").exists()
 
 
 def test_gated_run_closes_gates_and_compresses_exactly(gated_run, data, tmp_path):
-    from finegates.compress import compress_run, load, logits
+    from finegates.pipeline import compress_run, logits
+    from finegates.compression.saved import load
 
     out, m = gated_run
     assert 0.3 <= m["removed_fraction"] <= 0.5  # the top-k schedule stops at the 0.4 target
@@ -80,11 +82,11 @@ def test_gated_run_closes_gates_and_compresses_exactly(gated_run, data, tmp_path
     report = compress_run(out, tmp_path / "small", limit=4)  # what `finegates compress` runs
     assert report["max_abs_diff"] < 1e-4 and report["params_compressed"] < 0.85 * report["params_dense"]
     assert report["layer_linear_params_compressed"] == report["coupling_predicted_linear_params"]
-    gated, tok, _ = lm.load_lm_run(out)
-    batches = lm.eval_batches(out, tok, limit=4)
+    gated, tok, _ = loaders.load_lm_run(out)
+    batches = pipeline.lm_eval_batches(out, tok, limit=4)
     torch.testing.assert_close(logits(load(tmp_path / "small"), batches), logits(gated, batches), atol=1e-4, rtol=0)
-    ppl_run = lm.evaluate_path(out, data["test"], m["window"], m["stride"], device="cpu")
-    ppl_small = lm.evaluate_path(tmp_path / "small", data["test"], m["window"], m["stride"], device="cpu")
+    ppl_run = pipeline.evaluate_path(out, data["test"], m["window"], m["stride"], device="cpu")
+    ppl_small = pipeline.evaluate_path(tmp_path / "small", data["test"], m["window"], m["stride"], device="cpu")
     assert ppl_run["kind"] == "gated run" and ppl_small["kind"] == "compressed"
     assert ppl_run["perplexity"] == pytest.approx(m["test_perplexity"], rel=1e-6)
     assert ppl_small["perplexity"] == pytest.approx(ppl_run["perplexity"], rel=1e-5)
@@ -99,7 +101,7 @@ def test_a_moved_run_still_loads_and_evaluates(gated_run, data, tmp_path):
     hidden = out.with_name("hidden")
     out.rename(hidden)  # the original place is gone: the copy must not reach back to it
     try:
-        ppl = lm.evaluate_path(moved, data["test"], m["window"], m["stride"], device="cpu")
+        ppl = pipeline.evaluate_path(moved, data["test"], m["window"], m["stride"], device="cpu")
     finally:
         hidden.rename(out)
     assert ppl["kind"] == "gated run" and ppl["perplexity"] == pytest.approx(m["test_perplexity"], rel=1e-6)
@@ -108,7 +110,7 @@ def test_a_moved_run_still_loads_and_evaluates(gated_run, data, tmp_path):
 def test_resume_after_interruption_gives_the_same_run(gated_run, data, tmp_path, monkeypatch):
     reference, _ = gated_run
     out = tmp_path / "run"
-    real, calls = P._train_step, []
+    real, calls = P.PretrainGates.extra_loss, []
 
     def killed_at_step_16(*args, **kwargs):
         calls.append(1)
@@ -116,10 +118,10 @@ def test_resume_after_interruption_gives_the_same_run(gated_run, data, tmp_path,
             raise KeyboardInterrupt  # a kill after the step-10 checkpoint
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(P, "_train_step", killed_at_step_16)
+    monkeypatch.setattr(P.PretrainGates, "extra_loss", killed_at_step_16)
     with pytest.raises(KeyboardInterrupt):
         P.pretrain(config(data, out, mode="gated", sparsity=0.4, reg_start_step=5, ramp_steps=12))
-    monkeypatch.setattr(P, "_train_step", real)
+    monkeypatch.setattr(P.PretrainGates, "extra_loss", real)
     assert not (out / "metrics.json").exists() and (out / "checkpoint" / "state.pt").is_file()
     P.pretrain(P.config_from_run(out), resume=True)
     assert curve(out) == curve(reference)
@@ -131,7 +133,7 @@ def test_resume_after_interruption_gives_the_same_run(gated_run, data, tmp_path,
 def test_dense_at_matched_size(data, tmp_path):
     from transformers import AutoConfig
 
-    from finegates.pretrain import build_config, match_intermediate, param_count, train_tokenizer
+    from finegates.training.scratch import build_config, match_intermediate, param_count, train_tokenizer
 
     tok = train_tokenizer([data["train"]], 300)
     full = build_config(TINY, tok)

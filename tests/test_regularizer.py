@@ -5,9 +5,9 @@ import torch
 
 from compress_models import tiny
 from finegates import GateConfig, apply_gates
-from finegates.gates import GateParam
-from finegates.recipes import get_recipe
-from finegates.regularizer import RegConfig, Regularizer
+from finegates.core.gates import GateParam
+from finegates.training.recipes import get_recipe
+from finegates.training.regularizer import RegConfig, Regularizer
 
 
 def test_paper_layer_penalty_by_hand():
@@ -83,7 +83,7 @@ def test_paper_recipe_barely_closes_at_its_learning_rate():
 
 def test_topk_on_mlp_units_only_closes_mlp_units_and_reaches_the_target():
     """The default recipe's `units=("mlp",)`: the budget is still a fraction of all layer params."""
-    from finegates.arch import blocks, spec_for
+    from finegates.core.arch import blocks, spec_for
 
     recipe = get_recipe("fast")
     assert recipe.reg.units == ("mlp",)

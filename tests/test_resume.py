@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from finegates.checkpoint import RunError
+from finegates.training.checkpoint import RunError
 from finegates.cli import app
 from run_helpers import make_tiny_bert, write_task
 
@@ -101,7 +101,7 @@ def test_resume_of_a_complete_run_changes_nothing(runs):
 
 
 def test_trained_tensors_load_strictly(runs, tmp_path):
-    from finegates.runs import load_run
+    from finegates.loaders import load_run
 
     ref, _, model, _ = runs
     run = tmp_path / "run"
@@ -133,7 +133,7 @@ class _Cut(Exception):
 
 
 def _methods() -> list[tuple[str, str | None]]:
-    from finegates.methods import METHODS, get_method
+    from finegates.training.methods import METHODS, get_method
 
     get_method("gates")  # registers the baselines
     return sorted((m, None) for m in METHODS) + [("gates", "fast")]  # gates: default (finetune) and fast
@@ -142,9 +142,10 @@ def _methods() -> list[tuple[str, str | None]]:
 @pytest.mark.parametrize("method,recipe", _methods())
 def test_every_method_resumes_bit_exactly(tiny_model, tmp_path, method, recipe, monkeypatch):
     """Each method's state (Taylor importances, GMP masks, PST sparsity...) must come back exactly."""
-    from finegates.checkpoint import config_from_run
-    from finegates.methods import METHODS
-    from finegates.train import TrainConfig, train
+    from finegates.training.config import config_from_run
+    from finegates.training.methods import METHODS
+    from finegates.training.config import TrainConfig
+    from finegates.training.classify import train
 
     model = tiny_model
     task = write_task(tmp_path / "data")

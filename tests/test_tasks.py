@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from finegates.tasks import GLUE, DataError, UserData, glue_task, load_glue, read_glue_split
+from finegates.data.tasks import GLUE, DataError, UserData, glue_task, load_glue, read_glue_split
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
 # (task, file) -> official row count, as listed in MANIFEST.md

@@ -12,10 +12,10 @@ import torch
 from test_baselines import cfg_for, tiny  # noqa: F401 - the module fixture
 from transformers import BertConfig, BertForSequenceClassification
 
-from finegates.gates import GateParam
-from finegates.model import GateConfig, apply_gates
-from finegates.regularizer import Regularizer, RegConfig
-from finegates.train import train
+from finegates.core.gates import GateParam
+from finegates.core.model import GateConfig, apply_gates
+from finegates.training.regularizer import Regularizer, RegConfig
+from finegates.training.classify import train
 
 OPEN = GateParam(mean_fn="identity", init_mean=0.5, init_std=0.0, noise_std=0.0)  # the finetune recipe's gates
 
@@ -136,7 +136,7 @@ def test_taylor_refuses_what_it_cannot_close():
 
 
 def test_default_recipe_finetunes_weights_hits_the_target_and_compresses_exactly(tiny, tmp_path):  # noqa: F811
-    from finegates.compress import compress_run
+    from finegates.pipeline import compress_run
 
     run = tmp_path / "ft"
     result = train(cfg_for(tiny, "gates", out=run, max_steps=12, sparsity=0.4))

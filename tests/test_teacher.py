@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 from test_baselines import cfg_for, tiny  # noqa: F401 - the module fixture
 
-from finegates.distill import kd_loss
-from finegates.runs import load_run
-from finegates.train import train
+from finegates.training.distill import kd_loss
+from finegates.loaders import load_run
+from finegates.training.classify import train
 
 
 def test_kd_loss_zero_only_when_student_matches_teacher():
@@ -46,8 +46,8 @@ def test_teacher_run_is_distilled_and_cached(tiny, tmp_path):  # noqa: F811
     table = load_file(str(caches[0]))["logits"]
     assert table.shape == (48, 2) and torch.isfinite(table).all()
     # the table is the teacher's own eval-mode prediction on the training set
-    from finegates.bench import load_any
-    from finegates.models import load_tokenizer
+    from finegates.loaders import load_any
+    from finegates.loaders import load_tokenizer
 
     model, _ = load_any(teacher)
     tok = load_tokenizer(tiny["model"])
@@ -87,7 +87,7 @@ def test_teacher_errors_name_the_problem(tiny, tmp_path):  # noqa: F811
 
     BertForSequenceClassification.from_pretrained(tiny["model"], num_labels=3,
                                                   ignore_mismatched_sizes=True).save_pretrained(teacher)
-    from finegates.models import load_tokenizer
+    from finegates.loaders import load_tokenizer
 
     load_tokenizer(tiny["model"]).save_pretrained(teacher)
     out = tmp_path / "student"
@@ -97,8 +97,8 @@ def test_teacher_errors_name_the_problem(tiny, tmp_path):  # noqa: F811
 
 
 def test_train_weights_trains_saves_reloads_and_compresses(tiny, tmp_path):  # noqa: F811
-    from finegates.compress import compress_run
-    from finegates.gates import GatedLinear
+    from finegates.pipeline import compress_run
+    from finegates.core.gates import GatedLinear
 
     run = tmp_path / "w"
     result = train(cfg_for(tiny, "gates", out=run, max_steps=4, train_weights=True, sparsity=0.4,
@@ -150,7 +150,7 @@ def test_cli_passes_teacher_and_weights_and_refuses_a_weight_lr_for_frozen_weigh
 
 
 def test_a_run_short_of_its_target_is_flagged():
-    from finegates.cli import _target_missed
+    from finegates.cli.train import _target_missed
 
     assert _target_missed({"sparsity_target": 0.4, "removable_fraction": 0.39, "steps": 900}) is None
     assert _target_missed({"removable_fraction": 0.0, "steps": 9}) is None  # not a gates run

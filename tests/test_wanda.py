@@ -7,11 +7,11 @@ import copy
 import torch
 from decoder_helpers import make_decoder
 
-from finegates.baselines.magnitude import FIXED_GATES, _wanda_units, activation_norms, prune_structured
-from finegates.compress import compress
-from finegates.lm import load_causal_lm
-from finegates.model import GateConfig, apply_gates
-from finegates.regularizer import Regularizer
+from finegates.training.methods.magnitude import FIXED_GATES, _wanda_units, activation_norms, prune_structured
+from finegates.compression.exact import compress
+from finegates.loaders import load_causal_lm
+from finegates.core.model import GateConfig, apply_gates
+from finegates.training.regularizer import Regularizer
 
 
 def _gated(tmp_path):
@@ -68,7 +68,7 @@ def test_wanda_scores_and_exact_compression(tmp_path):
 def test_spread_pads_when_only_the_last_dim_is_deleted():
     """Regression (found on SmolLM2 magnitude pruning): deleting only the very last V dim left a
     spread index equal to arange(n), which was taken for the identity and skipped the pad slot."""
-    from finegates.compact import AttnLayout, spread_indices
+    from finegates.core.compact import AttnLayout, spread_indices
 
     D = 4
     lay = AttnLayout(head_dim=D, rope=False, heads=[0, 1], groups=[0, 1], head_group=[0, 1],

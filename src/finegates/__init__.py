@@ -3,11 +3,16 @@ then cut them out.
 
     import finegates
     model = finegates.apply_gates(hf_model, finegates.GateConfig())
+    small = finegates.compression.compress(model)
+
+Layout (each subpackage's docstring says more): core/ (torch only: architectures, gates, coupling),
+data/, compression/ (needs only core), training/ (one loop, methods/), loaders.py (every folder ->
+model), pipeline.py (run -> compressed -> report), bench/, export.py, prepare.py, cli/.
 """
 
-from .arch import ARCHS, ArchSpec, UnsupportedModelError, spec_for
-from .gates import Gate, GatedLinear, GateParam
-from .model import (
+from .core.arch import ARCHS, ArchSpec, UnsupportedModelError, spec_for
+from .core.gates import Gate, GatedLinear, GateParam
+from .core.model import (
     GateConfig,
     apply_gates,
     count_gate_params,
@@ -18,13 +23,17 @@ from .model import (
     load_gate_state_dict,
     merge_gates,
 )
-from .regularizer import RegConfig, Regularizer
-from .compress import load  # noqa: E402  (finegates.compress stays the module: compress.compress, .save_compressed)
+from .training.regularizer import RegConfig, Regularizer
+from . import compression
+from .compression import load, save_compressed
+
+compress = compression  # the README's older spelling: finegates.compress.compress(model), .save_compressed
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ARCHS", "ArchSpec", "Gate", "GateConfig", "GateParam", "GatedLinear", "RegConfig", "Regularizer",
     "UnsupportedModelError", "apply_gates", "count_gate_params", "count_trainable", "gate_state_dict",
-    "gated_layers", "gated_off_fraction", "load", "load_gate_state_dict", "merge_gates", "spec_for",
+    "compression", "gated_layers", "gated_off_fraction", "load", "load_gate_state_dict", "merge_gates",
+    "save_compressed", "spec_for",
 ]

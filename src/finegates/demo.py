@@ -36,9 +36,10 @@ def main() -> None:
     from rich.table import Table
 
     from .bench import BenchConfig, bench, machine_info
-    from .compress import compress_run
-    from .files import write_json
-    from .train import TrainConfig, train
+    from .pipeline import compress_run
+    from .data.files import write_json
+    from .training.classify import train
+    from .training.config import TrainConfig
 
     console = Console()
     console.print(f"[bold]finegates demo[/]: MiniLM-L6 on MRPC ({args.data_dir}), target sparsity {args.sparsity}, "

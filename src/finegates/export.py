@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .arch import spec_for
-from .files import atomic_write
+from .core.arch import spec_for
+from .data.files import atomic_write
 
 
 def input_names(model: nn.Module) -> list[str]:
@@ -37,7 +37,7 @@ class _Logits(nn.Module):
 
     def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-        if self.model.config.model_type in ("llama", "qwen2", "mistral"):
+        if spec_for(self.model).decoder:  # no KV cache in the graph
             extra["use_cache"] = False
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
 

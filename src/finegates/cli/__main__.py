@@ -1,0 +1,7 @@
+"""`python -m finegates.cli ...`: the `finegates` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

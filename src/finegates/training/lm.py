@@ -1,0 +1,121 @@
+"""Language modelling as an objective of the one loop: gate a decoder on plain text, measure perplexity.
+
+The paper's "post-training" mode for Llama: gates on every linear layer of the blocks, trained
+on the causal-LM loss (no task head), cosine learning-rate schedule; evaluated by perplexity
+(perplexity.py). It shares the `Method` abstraction, so `--method gates` (and any method that
+only needs the model) works unchanged; like classification it resumes (`finegates train --resume`).
+
+RUN_DIR (the loop's layout, loop.py, plus "objective": "lm" in config.json):
+  config.json, metrics.jsonl (one line per evaluation), trace.jsonl, trainable.safetensors,
+  checkpoint/state.pt (until complete), metrics.json (final; dev.perplexity, dense perplexity, window/stride).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+
+import torch
+import torch.nn as nn
+
+from ..core.model import count_params, count_trainable
+from ..data.text import eval_ids, pack, tokenize_files
+from ..loaders import load_causal_lm, load_tokenizer, resolve
+from .checkpoint import FORMAT_VERSION, model_fingerprint, read_checkpoint
+from .config import LMConfig
+from .loop import Objective, finish_run_dir, fit
+from .plan import LoopState
+from .methods import get_method
+from .perplexity import perplexity
+from .runtime import autocast, launch, peak_memory_mb, versions
+from .schedules import lr_lambda
+
+
+class LanguageModelling(Objective):
+    """Blocks of a token stream, the causal-LM loss, sliding-window perplexity on held-out text."""
+
+    def __init__(self, blocks: torch.Tensor, eval_stream: torch.Tensor, window: int, stride: int,
+                 eval_batch_size: int, amp: bool = True, progress: bool = False, name: str = "lm",
+                 steps_per_epoch: int = 1) -> None:
+        self.blocks, self.eval_stream, self.window, self.stride = blocks, eval_stream, window, stride
+        self.eval_batch_size, self.amp, self.progress = eval_batch_size, amp, progress
+        self.steps_per_epoch = steps_per_epoch
+        self.name, self.n_examples = name, len(blocks)
+
+    def batch(self, idx, device):
+        x = self.blocks[idx].to(device)
+        return {"input_ids": x, "labels": x}
+
+    def loss(self, runner: nn.Module, batch: dict, idx: list[int]):
+        with autocast(batch["input_ids"].device):
+            out = runner(**batch, use_cache=False)
+        task_loss = out.loss.float()
+        return task_loss, task_loss, out, {}
+
+    def perplexity(self, model: nn.Module, ids: torch.Tensor | None = None) -> dict:
+        ids = self.eval_stream if ids is None else ids
+        return perplexity(model, ids, self.window, self.stride, self.eval_batch_size, self.progress, self.amp)
+
+    def evaluate(self, model, state: LoopState) -> dict:
+        return {"epoch": round(state.step / self.steps_per_epoch, 3),
+                "dev": self.perplexity(model), "train_loss": state.task_loss}
+
+    def describe(self, record: dict) -> str:
+        return f"step {record['step']}: perplexity {record['dev']['perplexity']:.3f} (window {self.window}, " \
+               f"stride {self.stride})"
+
+
+def train_lm(cfg: LMConfig, resume: bool = False) -> dict:
+    """Train on the LM loss, evaluate perplexity `cfg.evals` times, write the run directory."""
+    if resume and (cfg.out / "metrics.json").is_file():
+        return json.loads((cfg.out / "metrics.json").read_text(encoding="utf-8"))  # already complete
+    procs, device = launch(cfg.seed, cfg.device, cfg.batch_size)
+    location = resolve(cfg.model)
+    tokenizer = load_tokenizer(location)
+    blocks_ = pack(tokenize_files(cfg.text_files, tokenizer), cfg.block_size)
+    eval_stream = eval_ids(cfg.eval_text_file, tokenizer, cfg.eval_tokens)
+    model = load_causal_lm(location)
+    fingerprint = model_fingerprint(model)
+    model.to(device)
+
+    per_epoch = math.ceil(len(blocks_) / cfg.batch_size)
+    total = cfg.total_steps(per_epoch)
+    objective = LanguageModelling(blocks_, eval_stream, cfg.window, cfg.stride, cfg.eval_batch_size, cfg.eval_amp,
+                                  cfg.progress, name=f"{cfg.method} lm", steps_per_epoch=per_epoch)
+    dense = objective.perplexity(model) if cfg.eval_dense and procs.main else None
+
+    method = get_method(cfg.method)
+    dense_params = count_params(model)
+    groups = method.prepare(model, cfg, total)
+    trainable_params = count_trainable(model)  # before `finish` (which may merge adapters away)
+    model.to(device)
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    config = {
+        "format_version": FORMAT_VERSION, "objective": "lm", "train": asdict(cfg), "model_location": location,
+        "task": "lm", "fingerprint": fingerprint, "train_tokens": int(blocks_.numel()),
+        "eval_tokens": int(eval_stream.numel()), "method_config": method.config(), "versions": versions(),
+    }
+    eval_at = {max(1, round(total * (i + 1) / cfg.evals)) for i in range(cfg.evals)} | {total}
+    schedule = lr_lambda(cfg.schedule, total, cfg.warmup_steps)
+    plan = cfg.plan(total, eval_at, steps_per_epoch=per_epoch, lr_factor=lambda step, group: schedule(step),
+                    desc=objective.name)
+    ckpt = read_checkpoint(cfg.out) if resume else None
+    st = fit(model, method, groups, objective, plan, procs=procs, device=device, fingerprint=fingerprint,
+             config=config, ckpt=ckpt)
+    method.finish(model)
+
+    final = st.history[-1]
+    return finish_run_dir(cfg.out, {
+        "task": "lm", "objective": "lm", "method": cfg.method, "seed": cfg.seed, "steps": st.step,
+        "dev": final["dev"], "score": -final["dev"]["perplexity"],  # higher is better, as for classification
+        "perplexity": final["dev"]["perplexity"], "dense_perplexity": dense["perplexity"] if dense else None,
+        "dense": dense, "window": cfg.window, "stride": cfg.stride, "eval_text_file": str(cfg.eval_text_file),
+        "train_text_files": [str(p) for p in cfg.text_files], "train_tokens": int(blocks_.numel()),
+        "trainable_params": trainable_params, "total_params": dense_params,
+        "train_seconds": st.t_train, "seconds_per_step": st.t_train / max(st.step, 1),
+        "peak_memory_mb": peak_memory_mb(device), "device": str(device), "complete": True,
+        "resumed_from_step": ckpt["step"] if ckpt is not None else None, "processes": procs.world,
+        **method.summary(model),
+    }, procs)

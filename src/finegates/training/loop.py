@@ -1,0 +1,228 @@
+"""The one training loop: every objective (classification, language modelling, pretraining) and
+every method runs through `fit`, so each gets resume, data parallelism and the non-finite guard.
+
+An objective is a data source, a loss and an evaluation (`Objective`); a method decides what
+trains and adds a loss term (methods/registry.py); the plan (`Plan`) says how long, how often to
+evaluate and checkpoint, and how the learning rate moves. nanoGPT's "one loop, variants as data".
+
+RUN_DIR/
+  config.json        resolved config (+ recipe, versions): enough to rebuild the model
+  metrics.jsonl      one line per evaluation
+  trace.jsonl        every `trace_every` steps: loss, penalty, lambda, removed fraction, gate stats
+  trainable.safetensors   every trained tensor (gates, head, trained biases): small
+  checkpoint/state.pt     everything to resume bit-exactly (checkpoint.py); removed once complete
+  metrics.json       final metrics, "complete": true; written last, so its presence marks a complete run
+
+Every file is written atomically (data/files.py). A non-finite loss or gradient stops the run with
+the last good checkpoint kept (or, with `skip_nonfinite`, skips that batch and counts it).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..core.model import gate_parameters, gated_layers
+from ..data.files import append_jsonl, write_json
+from .checkpoint import CHECKPOINT, RunError, nonfinite, restore_checkpoint, save_checkpoint, save_trainable, truncate_log
+from .distributed import Processes, all_finite, barrier, broadcast, local_slice, wrap
+from .methods.registry import Method
+from .plan import LoopState, Plan
+from .runtime import autocast
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (NaN loss, ...); the message says at which step."""
+
+
+MAX_NONFINITE_IN_A_ROW = 10  # with skip_nonfinite: more than this means the run has diverged
+
+
+class Objective:
+    """What a kind of training feeds the loop: examples, a loss, an evaluation (subclassed per objective)."""
+
+    name = "objective"  # the progress bar's label
+    n_examples = 0  # the loop draws batches of indices into 0..n_examples-1
+
+    def batch(self, idx: list[int], device: torch.device) -> dict[str, torch.Tensor]:
+        """The model inputs (with labels) of the examples `idx`, on `device`."""
+        raise NotImplementedError
+
+    def loss(self, runner: nn.Module, batch: dict, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor, object, dict]:
+        """(loss to minimise, task loss, model outputs, scalars to log) of one batch."""
+        with autocast(batch["input_ids"].device):
+            out = runner(**batch)
+        task_loss = out.loss.float()
+        return task_loss, task_loss, out, {}
+
+    def evaluate(self, model: nn.Module, state: LoopState) -> dict:
+        """A metrics.jsonl record (without "step"), computed on the main process only."""
+        raise NotImplementedError
+
+    def describe(self, record: dict) -> str:
+        """The line printed after an evaluation."""
+        return ""
+
+
+def start_run_dir(out: Path, ckpt: dict | None, procs: Processes, config: dict) -> None:
+    """A fresh run clears what an earlier run left there; a resumed one cuts its logs back to the
+    checkpoint's step, so no line is repeated. Only the main process touches the folder."""
+    if procs.main:
+        _prepare_run_dir(out, ckpt, config)
+    barrier(procs)
+
+
+def _prepare_run_dir(out: Path, ckpt: dict | None, config: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").unlink(missing_ok=True)
+    for tmp in [*out.glob(".*.tmp"), *out.glob("checkpoint/.*.tmp")]:
+        tmp.unlink(missing_ok=True)  # half-written files of a killed run (files.atomic_write's temporaries)
+    if ckpt is not None:
+        for log in ("metrics.jsonl", "trace.jsonl"):
+            truncate_log(out / log, ckpt["step"])
+        return
+    for stale in ("metrics.jsonl", "trace.jsonl", "trainable.safetensors"):
+        (out / stale).unlink(missing_ok=True)
+    shutil.rmtree(out / CHECKPOINT.parent, ignore_errors=True)
+    write_json(out / "config.json", config)
+
+
+def fit(model: nn.Module, method: Method, groups: list[dict], objective: Objective, plan: Plan, *,
+        procs: Processes, device: torch.device, fingerprint: str, config: dict, ckpt: dict | None = None,
+        data: str | None = None) -> LoopState:
+    """Run the loop to `plan.total_steps` (or the time limit), from `ckpt` when resuming.
+
+    `groups`: the optimizer's parameter groups (method.prepare); `config`: config.json of a fresh
+    run; `data`: the training data's fingerprint, checked against a resumed checkpoint."""
+    runner = wrap(model, procs)  # DDP over several processes (distributed.py), the model itself otherwise
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0, betas=plan.betas)
+    gen = torch.Generator().manual_seed(plan.seed)
+    st = LoopState(data=data)
+    if ckpt is not None:
+        loop = restore_checkpoint(ckpt, plan.out / CHECKPOINT, model=model, optimizer=optimizer, method=method,
+                                  generator=gen, fingerprint=fingerprint)
+        if loop.get("data") != data:
+            raise RunError(f"{plan.out / CHECKPOINT}: the training data changed since this checkpoint was written")
+        st = LoopState(**{k: v for k, v in loop.items() if k in LoopState.__dataclass_fields__})
+        st.order, st.history = list(st.order), list(st.history)
+    start_run_dir(plan.out, ckpt, procs, config)
+    last_ckpt = st.step if ckpt is not None else None
+    clipped = [p for g in groups if g.get("clip", True) for p in g["params"]]
+    bar = tqdm(total=plan.total_steps, initial=st.step, desc=plan.desc, disable=not (plan.progress and procs.main),
+               dynamic_ncols=True)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t_start = time.perf_counter()
+    while st.step < plan.total_steps:
+        if plan.time_limit_s and time.perf_counter() - t_start > plan.time_limit_s:
+            st.stopped_early = True
+            bar.write(f"time limit of {plan.time_limit_s:.0f} s reached at step {st.step}")
+            break
+        if not st.order:
+            st.order = torch.randperm(objective.n_examples, generator=gen).tolist()
+        idx, st.order = st.order[: plan.batch_size], st.order[plan.batch_size:]
+        if plan.lr_factor is not None:
+            for g in optimizer.param_groups:  # not the dicts passed in: loading a checkpoint replaces them
+                g["lr"] = g["base_lr"] * plan.lr_factor(st.step, g)
+        model.train()
+        t0 = time.perf_counter()
+        local = local_slice(idx, procs)
+        batch = objective.batch(local, device)
+        loss, task_loss, out, logs = objective.loss(runner, batch, local)
+        extra, method_logs = method.extra_loss(model, st.step, batch, out)
+        logs = {**method_logs, **logs}
+        loss = loss if extra is None else loss + extra
+        optimizer.zero_grad(set_to_none=True)
+        bad = None if all_finite(loss, procs) else f"loss is {loss.item()} (task loss {task_loss.item():.4g})"
+        if bad is None:
+            loss.backward()  # a clip at inf measures the norm and scales by exactly 1
+            norm = torch.nn.utils.clip_grad_norm_(clipped, plan.grad_clip if plan.grad_clip > 0 else math.inf)
+            bad = None if torch.isfinite(norm) else f"gradient norm is {norm.item()}"
+        if bad is None:
+            optimizer.step()
+            st.in_a_row = 0
+        else:
+            st.skipped, st.in_a_row = st.skipped + 1, st.in_a_row + 1
+            optimizer.zero_grad(set_to_none=True)
+            if not plan.skip_nonfinite or st.in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                bar.close()
+                why = (f"{bad} at step {st.step}, {st.in_a_row} non-finite batches in a row: training diverged"
+                       if plan.skip_nonfinite else
+                       f"{bad} at step {st.step}: lower --lr, or pass --skip-nonfinite to skip such batches")
+                raise TrainingError(_stopped(plan.out, why, last_ckpt))
+        method.after_step(model, st.step)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        st.t_train += time.perf_counter() - t0
+        st.step += 1
+        st.task_loss, st.logs = task_loss.item(), logs
+        bar.update(1)
+        if procs.main and plan.trace_every and (st.step % plan.trace_every == 0 or st.step == 1):
+            lr = {"lr": optimizer.param_groups[0]["lr"]} if plan.lr_factor is not None else {}
+            append_jsonl(plan.out / "trace.jsonl", {"step": st.step, "task_loss": st.task_loss, **lr, **logs,
+                                                    **method.progress(), **_gate_trace(model)})
+        if st.step in plan.eval_at or st.step == plan.total_steps:
+            record = broadcast(objective.evaluate(model, st) if procs.main else None, procs)
+            record = {"step": st.step, **record, **method.progress()}
+            st.history.append(record)
+            _check_finite(model, st.step, plan.out, last_ckpt)
+            if procs.main:
+                append_jsonl(plan.out / "metrics.jsonl", record)
+                if plan.save_at_eval:
+                    save_trainable(plan.out / "trainable.safetensors", model, fingerprint, st.step,
+                                   tensors=method.trainable_state(model))
+                bar.write(objective.describe(record) + "".join(f", {k} {v}" for k, v in method.progress().items()))
+        if st.step < plan.total_steps and (st.step in plan.eval_at
+                                           or (plan.checkpoint_every and st.step % plan.checkpoint_every == 0)):
+            _check_finite(model, st.step, plan.out, last_ckpt)
+            if procs.main:
+                save_checkpoint(plan.out, step=st.step, model=model, optimizer=optimizer, method=method, generator=gen,
+                                fingerprint=fingerprint, loop=st.as_dict())
+            last_ckpt = st.step
+        if plan.progress and st.step % 10 == 0:  # progress() may sync the GPU: not every step
+            bar.set_postfix(loss=f"{st.task_loss:.3f}", **method.progress())
+    bar.close()
+    return st
+
+
+def finish_run_dir(out: Path, metrics: dict, procs: Processes) -> dict:
+    """Write metrics.json (the mark of a complete run) and drop the checkpoint; main process only."""
+    if procs.main:
+        write_json(out / "metrics.json", metrics)
+        shutil.rmtree(out / CHECKPOINT.parent, ignore_errors=True)  # complete: the result is trainable.safetensors
+    barrier(procs)
+    return metrics
+
+
+def _stopped(out: Path, why: str, last_ckpt: int | None) -> str:
+    kept = (f"the last good checkpoint (step {last_ckpt}) is kept in {out / CHECKPOINT.parent}"
+            if last_ckpt is not None else "no checkpoint had been written yet")
+    return f"{why}; {kept}"
+
+
+def _check_finite(model: nn.Module, step: int, out: Path, last_ckpt: int | None) -> None:
+    """Never write NaN/inf tensors: stop, keeping the last good checkpoint."""
+    bad = nonfinite({n: p for n, p in model.named_parameters() if p.requires_grad})
+    if bad:
+        raise TrainingError(_stopped(out, f"trained tensor {bad[0]} is not finite at step {step}", last_ckpt))
+
+
+def _gate_trace(model) -> dict:
+    """Gate-value quantiles and gradient norm: the internals the recipe study plots."""
+    thetas = gate_parameters(model)
+    if not thetas:
+        return {}
+    with torch.no_grad():
+        vals = torch.cat([g.values().flatten() for m in gated_layers(model) for g in m.gates().values()]).float().cpu()
+        grads = [p.grad for p in thetas if p.grad is not None]
+        gnorm = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads))) if grads else 0.0
+    q = torch.quantile(vals, torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95])).tolist()
+    return {"gate_q": [round(x, 4) for x in q], "gate_closed": float((vals <= 0).float().mean()),
+            "gate_grad_norm": gnorm,
+            "gate_hist": torch.histc(vals, bins=20, min=0.0, max=1.0).int().tolist()}

@@ -1,0 +1,48 @@
+"""The one loop's settings and counters as data: a variant of training is a `Plan`, not a loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+
+@dataclass
+class Plan:
+    """How the loop runs: the variant's settings as data."""
+
+    out: Path
+    total_steps: int
+    batch_size: int  # the global batch: each process takes its slice
+    eval_at: set[int]  # steps after which to evaluate (the last step always)
+    seed: int = 0
+    steps_per_epoch: int = 1
+    checkpoint_every: int = 0  # also checkpoint every N steps (besides at evaluations)
+    grad_clip: float = 1.0  # over the groups whose "clip" is not False (0: measure only)
+    skip_nonfinite: bool = False
+    trace_every: int = 0
+    progress: bool = True
+    time_limit_s: float | None = None  # stop early (then the caller evaluates and saves)
+    lr_factor: Callable[[int, dict], float] | None = None  # step, param group -> factor of its "base_lr"
+    betas: tuple[float, float] = (0.9, 0.999)
+    save_at_eval: bool = True  # write trainable.safetensors at each evaluation
+    desc: str = "train"
+
+
+@dataclass
+class LoopState:
+    """The loop's counters: what a checkpoint stores besides the tensors, and what `fit` returns."""
+
+    step: int = 0
+    t_train: float = 0.0
+    order: list = field(default_factory=list)
+    history: list = field(default_factory=list)
+    skipped: int = 0
+    in_a_row: int = 0
+    stopped_early: bool = False
+    task_loss: float = float("nan")  # of the last step
+    logs: dict = field(default_factory=dict)  # the last step's logged scalars (penalty, lambda, ...)
+    data: str | None = None  # fingerprint of the training data: a resumed run must see the same
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}

@@ -1,0 +1,272 @@
+"""The sparsity penalty `R` of `loss = task_loss + lambda * R`, and the lambda controller.
+
+Kinds:
+  layer   (paper)  per gated layer, pull mean P(open) of rows and of columns to 1 - s; every
+                   layer ends with the same sparsity.
+  stg     (Yamada) mean P(open) over all gates (no target; lambda sets the sparsity).
+  budget  (ours)   expected fraction of the blocks' linear parameters that compression would
+                   delete, from the coupling rules (so residual-side gates, which delete nothing,
+                   are not pushed), pulled to the target globally: layers may differ.
+
+With `schedule="topk"` (ours, the default recipe) the penalty is the mean keep probability of the
+*selected* units only: at each step the deletable units (MLP units, V/O dims, Q/K dims) are ranked
+by their current gate values and the lowest-ranked ones, up to the scheduled target's parameter
+cost, are pushed closed; the others feel no penalty and may reopen. Closed units rank lowest and
+stay selected, so the hard removed count follows the cubic schedule without overshoot, and the
+units that close are the ones the task gradient itself has been lowering (movement-pruning-like).
+
+With `schedule="taylor"` (ours) nothing is penalised: gates close by decision, not by drift. Each
+step, every MLP unit's first-order Taylor score (the loss change of scaling the unit's gates to 0,
+Molchanov et al., 2019) is read from its gates' gradients, and an exponential average of its square
+is its importance; then the least important open units are closed outright (gates.Gate.close), up
+to the cubic schedule's target. So the gate learning rate no longer decides *when* gates close: the
+gates (and weights) may train slowly while the schedule removes what the task gradient uses least.
+
+With `schedule="controller"` (tried, overshoots; kept for the study) the penalty is `lambda_t * E[kept fraction]` and lambda_t is
+adapted every step from the *hard* removed fraction (what compression would delete now) against
+a target that ramps to `sparsity` over `ramp_steps`: lambda grows while the model lags the
+schedule and shrinks once it is ahead. It is the importance threshold below which gates close,
+so gates close in order of how little the task needs them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from ..core.arch import blocks, spec_for
+from ..core.coupling import DELETABLE_SIDE, MLP_ROLES, BlockLayout, keep, kept_params, mlp_unit_cost
+from .distributed import all_mean
+from .schedules import cubic
+from ..core.gates import Gate, GatedLinear
+
+
+TOPK_UNITS = ("mlp", "vo", "qk")
+
+
+@dataclass
+class RegConfig:
+    """Sparsity penalty settings."""
+
+    kind: str = field(default="layer", metadata={"help": "layer (paper), stg, or budget (ours)."})
+    sparsity: float = field(default=0.4, metadata={"help": "Target fraction of parameters removed, in [0, 1)."})
+    lam: float = field(default=50.0, metadata={"help": "Penalty weight (initial value with the controller)."})
+    start_step: int = field(default=0, metadata={"help": "Step from which the penalty applies."})
+    schedule: str = field(default="none", metadata={
+        "help": "none, topk (ours), taylor (ours: close by importance), or controller (budget only)."})
+    ramp_steps: int = field(default=0, metadata={"help": "Steps over which the controller's target ramps to `sparsity`."})
+    controller_rate: float = field(default=0.05, metadata={"help": "log-lambda step per update at full error."})
+    lam_max: float = field(default=1e4, metadata={"help": "Upper bound on the controlled lambda."})
+    importance_decay: float = field(default=0.99, metadata={
+        "help": "With schedule taylor: decay of the exponential average of the units' squared Taylor scores."})
+    units: tuple[str, ...] = field(default=TOPK_UNITS, metadata={
+        "help": "Top-k candidates: mlp (MLP units), vo (V/O dims), qk (Q/K dims or RoPE pairs). Attention dims "
+        "save less CPU time than their parameter count says (compressed heads are padded to one width)."})
+
+    def __post_init__(self) -> None:
+        self.units = tuple(self.units)
+        if not self.units or set(self.units) - set(TOPK_UNITS):
+            raise ValueError(f"units must be a non-empty subset of {', '.join(TOPK_UNITS)}, got {self.units!r}")
+        if self.kind not in ("layer", "stg", "budget"):
+            raise ValueError(f"regularizer kind must be layer, stg or budget, got {self.kind!r}")
+        if not (0.0 <= self.sparsity < 1.0) or math.isnan(self.sparsity):
+            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if self.lam < 0:
+            raise ValueError(f"lambda must be >= 0, got {self.lam}")
+        if self.schedule not in ("none", "topk", "taylor", "controller"):
+            raise ValueError(f"schedule must be none, topk, taylor or controller, got {self.schedule!r}")
+        if self.schedule != "none" and self.kind != "budget":
+            raise ValueError(f"schedule {self.schedule!r} works on the 'budget' regularizer only")
+        if self.schedule == "taylor" and self.units != ("mlp",):
+            raise ValueError(f"schedule 'taylor' closes MLP units only: units must be ('mlp',), got {self.units!r}")
+        if not (0.0 <= self.importance_decay < 1.0):
+            raise ValueError(f"importance_decay must be in [0, 1), got {self.importance_decay}")
+
+    @property
+    def controller(self) -> bool:
+        return self.schedule == "controller"
+
+
+class Regularizer(nn.Module):
+    """Computes the penalty and tracks the removed fraction of a gated model."""
+
+    def __init__(self, model: nn.Module, cfg: RegConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.layers = [m for m in model.modules() if isinstance(m, GatedLinear)]
+        self.blocks = self._collect_blocks(model)
+        self.dense = sum(lay.dense_params() for lay, _ in self.blocks)
+        self.lam = cfg.lam
+        self.target = cfg.sparsity
+        self.importance: torch.Tensor | None = None  # schedule taylor: one score per MLP unit, all blocks
+        # schedule taylor: the blocks whose MLP units have gates, and those gates
+        self.unit_blocks = [(lay, gated, gates) for lay, gated in self.blocks if (gates := self._unit_gates(gated))]
+        if cfg.schedule == "taylor":
+            if not self.unit_blocks:
+                raise ValueError("schedule 'taylor' needs gated MLP layers (roles up/down): none are gated")
+            for *_, gates in self.unit_blocks:
+                for g in gates:
+                    g.track_taylor = True
+
+    @staticmethod
+    def _collect_blocks(model: nn.Module) -> list[tuple[BlockLayout, dict[str, GatedLinear]]]:
+        spec = spec_for(model)
+        out = []
+        for block in blocks(model, spec):
+            gated = {}
+            bias = set()
+            for role in spec.roles:
+                m = block.get_submodule(spec.modules[role])
+                if isinstance(m, GatedLinear):
+                    gated[role] = m
+                base = m.base if isinstance(m, GatedLinear) else m
+                if getattr(base, "bias", None) is not None:
+                    bias.add(role)
+            out.append((BlockLayout.from_config(model.config, spec, frozenset(bias)), gated))
+        return out
+
+    # ---- counts -------------------------------------------------------------------------
+    @staticmethod
+    def _deletable(gated: dict[str, GatedLinear]) -> dict[str, Gate]:
+        """Each gated role's gate on its deletable side (DELETABLE_SIDE), where it has one."""
+        sides = {role: m.gates().get(DELETABLE_SIDE[role]) for role, m in gated.items()}
+        return {role: g for role, g in sides.items() if g is not None}
+
+    def _open(self, gated: dict[str, GatedLinear], hard: bool) -> dict[str, torch.Tensor]:
+        return {role: (~g.closed()).float() if hard else g.open_prob() for role, g in self._deletable(gated).items()}
+
+    def kept_fraction(self, hard: bool = False) -> torch.Tensor:
+        """Fraction of the blocks' linear parameters kept (expected, or hard with `hard=True`)."""
+        total = 0.0
+        for lay, gated in self.blocks:
+            total = total + kept_params(keep(self._open(gated, hard), lay), lay)
+        return total / self.dense
+
+    @torch.no_grad()
+    def removed_fraction(self) -> float:
+        """What compression would delete from the blocks' linear layers right now."""
+        return 1.0 - float(self.kept_fraction(hard=True))
+
+    # ---- penalty ------------------------------------------------------------------------
+    def penalty(self) -> torch.Tensor:
+        keep_frac = 1.0 - self.cfg.sparsity
+        if self.cfg.kind == "stg":
+            probs = [g.open_prob() for m in self.layers for g in m.gates().values()]
+            return torch.cat(probs).mean()
+        if self.cfg.kind == "layer":
+            terms = []
+            for m in self.layers:
+                sides = [(g.open_prob().mean() - keep_frac).abs() for g in m.gates().values()]
+                terms.append(torch.stack(sides).mean())
+            return torch.stack(terms).mean()
+        if self.cfg.schedule == "topk":
+            return self._topk_penalty()
+        expected_kept = self.kept_fraction()
+        if self.cfg.controller:
+            return expected_kept
+        return (expected_kept - keep_frac).abs()
+
+    def _topk_penalty(self) -> torch.Tensor:
+        """Mean keep probability of the lowest-ranked units covering the scheduled target."""
+        soft, score, cost, total = [], [], [], 0.0
+        for lay, gated in self.blocks:
+            p = keep(self._open(gated, hard=False), lay)
+            with torch.no_grad():
+                v = keep(self._values(gated), lay)
+            d, share = lay.hidden, lay.hidden / lay.group
+            for name, c in (("mlp", d * (3 if lay.swiglu else 2)), ("vo", d + share), ("qk", d + share)):
+                total += c * v[name].numel()  # the budget is a fraction of every unit's parameters
+                if name not in self.cfg.units:
+                    continue
+                soft.append(p[name].flatten())
+                score.append(v[name].flatten())
+                cost.append(torch.full_like(v[name].flatten(), c))
+        soft, score, cost = torch.cat(soft), torch.cat(score), torch.cat(cost)
+        order = torch.argsort(score)
+        cum = torch.cumsum(cost[order], 0)
+        k = int(torch.searchsorted(cum, self.target * total)) + 1
+        chosen = order[:k]
+        return (soft[chosen] * cost[chosen]).sum() / cost[chosen].sum()
+
+    # ---- taylor: close by importance ---------------------------------------------------------
+    def _unit_gates(self, gated: dict[str, GatedLinear]) -> list[Gate]:
+        """The gates of a block's MLP units (the deletable side of up, gate and down)."""
+        sides = self._deletable(gated)
+        return [sides[r] for r in MLP_ROLES if r in sides]
+
+    def after_step(self, step: int) -> None:
+        """With schedule taylor: update the units' importance, then close the least important
+        open units until the hard removed fraction reaches this step's scheduled target."""
+        if self.cfg.schedule != "taylor":
+            return
+        scores = torch.cat([sum(g.pop_taylor() for g in gates) for *_, gates in self.unit_blocks])
+        sq = all_mean(scores) ** 2  # every process closes the same units
+        decay = self.cfg.importance_decay
+        self.importance = sq if self.importance is None else decay * self.importance + (1.0 - decay) * sq
+        if step >= self.cfg.start_step and self.cfg.sparsity > 0.0:
+            self._close_to_target()
+
+    @torch.no_grad()
+    def _close_to_target(self) -> None:
+        need = (self.target - self.removed_fraction()) * self.dense  # parameters still to delete
+        if need <= 0:
+            return
+        open_, cost = [], []
+        for lay, gated, _ in self.unit_blocks:
+            units = keep(self._open(gated, hard=True), lay)["mlp"] > 0
+            open_.append(units)
+            cost.append(torch.full(units.shape, float(mlp_unit_cost(lay)), device=units.device))
+        open_, cost = torch.cat(open_), torch.cat(cost)
+        candidates = torch.nonzero(open_).flatten()
+        if candidates.numel() == 0:
+            return
+        order = candidates[torch.argsort(self.importance[candidates])]
+        k = int(torch.searchsorted(torch.cumsum(cost[order], 0), need)) + 1
+        chosen = torch.zeros_like(open_)
+        chosen[order[:k]] = True
+        start = 0
+        for lay, _, gates in self.unit_blocks:
+            mask = chosen[start:start + lay.intermediate]
+            start += lay.intermediate
+            for g in gates:
+                g.close(mask)
+
+    def _values(self, gated: dict[str, GatedLinear]) -> dict[str, torch.Tensor]:
+        return {role: g.values() for role, g in self._deletable(gated).items()}
+
+    def scheduled_target(self, step: int) -> float:
+        ramp = self.cfg.ramp_steps
+        if ramp <= 0:
+            return self.cfg.sparsity
+        t = min(1.0, max(0, step - self.cfg.start_step) / ramp)
+        return cubic(t, self.cfg.sparsity)  # like gradual pruning
+
+    def forward(self, step: int) -> tuple[torch.Tensor, float]:
+        """(lambda * R, lambda) for this step; zero before `start_step`."""
+        if self.cfg.schedule != "none":
+            self.target = self.scheduled_target(step)  # 0 until start_step: the bar shows the warm-up
+        if step < self.cfg.start_step or self.cfg.sparsity == 0.0 or self.cfg.schedule == "taylor":
+            return torch.zeros((), device=self.layers[0].base.weight.device), 0.0
+        if self.cfg.controller:
+            self._update_lambda(step)
+        return self.lam * self.penalty(), self.lam
+
+    def _update_lambda(self, step: int) -> None:
+        error = (self.target - self.removed_fraction()) / max(self.cfg.sparsity, 1e-6)
+        error = max(-1.0, min(1.0, error * 10.0))  # full speed once 10% of the target away
+        self.lam = min(self.cfg.lam_max, max(1e-6, self.lam * math.exp(self.cfg.controller_rate * error)))
+
+    def state(self) -> dict:
+        out = {"lam": self.lam, "target": self.target}
+        if self.importance is not None:
+            out["importance"] = self.importance.detach().cpu()
+        return out
+
+    def load_state(self, state: dict) -> None:
+        self.lam = float(state["lam"])
+        self.target = float(state["target"])
+        if "importance" in state:
+            self.importance = state["importance"].to(self.layers[0].base.weight.device)
