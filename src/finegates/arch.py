@@ -113,6 +113,15 @@ ARCHS: dict[str, ArchSpec] = {
             hidden_attr="dim",
             intermediate_attr="hidden_dim",
         ),
+        ArchSpec(
+            family="mpnet",
+            model_types=("mpnet",),
+            layers="encoder.layer",
+            modules={"q": "attention.attn.q", "k": "attention.attn.k", "v": "attention.attn.v",
+                     "o": "attention.attn.o", "up": "intermediate.dense", "down": "output.dense"},
+            attention="attention.attn",
+            head=("classifier",),
+        ),
         *(
             ArchSpec(
                 family=name,

@@ -129,6 +129,8 @@ class GatedLinear(nn.Module):
         cols: bool = True,
         role: str = "",
         layer: int = -1,
+        adapter_rank: int = 0,
+        adapter_alpha: float = 16.0,
     ) -> None:
         super().__init__()
         self.base = base
@@ -138,6 +140,15 @@ class GatedLinear(nn.Module):
         self.col_gate = Gate(base.in_features, param) if cols else None
         for p in self.base.parameters():
             p.requires_grad_(False)
+        # Optional low-rank update of the frozen weight, gated like it: W' = z_r (W + s B A) z_c
+        # (the authors' SparseLoRALayer). B starts at zero, so training starts from W exactly;
+        # `merged` folds s B A into W, so the compressed model is no larger than without it.
+        self.adapter_scale = adapter_alpha / adapter_rank if adapter_rank else 0.0
+        self.lora_A = self.lora_B = None
+        if adapter_rank:
+            self.lora_A = nn.Parameter(torch.empty(adapter_rank, base.in_features))
+            self.lora_B = nn.Parameter(torch.zeros(base.out_features, adapter_rank))
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         device = base.weight.device
         self.to(device)
 
@@ -168,6 +179,8 @@ class GatedLinear(nn.Module):
         if self.col_gate is not None:
             x = x * self.col_gate().to(x.dtype)
         y = F.linear(x, self.base.weight, self.base.bias)
+        if self.lora_A is not None:
+            y = y + self.adapter_scale * F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
         if self.row_gate is not None:
             y = y * self.row_gate().to(y.dtype)
         return y
@@ -176,6 +189,8 @@ class GatedLinear(nn.Module):
     def merged(self) -> nn.Linear:
         """A plain `nn.Linear` with the evaluation gates baked in: `W <- Diag(z_r) W Diag(z_c)`."""
         w = self.base.weight.detach().clone()
+        if self.lora_A is not None:
+            w += (self.adapter_scale * (self.lora_B.float() @ self.lora_A.float())).to(w.dtype)
         b = None if self.base.bias is None else self.base.bias.detach().clone()
         if self.col_gate is not None:
             w *= self.col_gate.values().to(w.dtype)[None, :]

@@ -122,13 +122,16 @@ class GatesMethod(Method):
         gate_ids = {id(p) for p in gate_parameters(model)}
         head_ids = {id(p) for p in head_parameters(model)}
         weight_ids = {id(m.base.weight) for m in gated_layers(model) if m.base.weight.requires_grad}
+        adapter_ids = {id(p) for m in gated_layers(model) if m.lora_A is not None for p in (m.lora_A, m.lora_B)}
         gates = [p for p in model.parameters() if id(p) in gate_ids]
         head = [p for p in model.parameters() if p.requires_grad and id(p) in head_ids]
         weights = [p for p in model.parameters() if id(p) in weight_ids]
-        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in gate_ids | head_ids | weight_ids]
+        adapters = [p for p in model.parameters() if id(p) in adapter_ids]
+        rest = [p for p in model.parameters()
+                if p.requires_grad and id(p) not in gate_ids | head_ids | weight_ids | adapter_ids]
         groups = [{"params": gates, "lr": self.recipe.gate_lr, "name": "gates"}]
         for params, lr, name in ((head, self.recipe.head_lr, "head"), (rest, self.recipe.bias_lr, "biases"),
-                                 (weights, self.recipe.weight_lr, "weights")):
+                                 (weights, self.recipe.weight_lr, "weights"), (adapters, self.recipe.adapter_lr, "adapters")):
             if params:
                 groups.append({"params": params, "lr": lr, "name": name})
         return groups

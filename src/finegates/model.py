@@ -48,6 +48,10 @@ class GateConfig:
         default=False, metadata={"help": "Also train the LayerNorm/RMSNorm parameters inside the blocks (ours)."}
     )
     train_head: bool = field(default=True, metadata={"help": "Train the task head (classifier)."})
+    adapter_rank: int = field(default=0, metadata={
+        "help": "Rank of a low-rank update of the frozen weight inside the gates (0: none); merged before compression."})
+    adapter_alpha: float = field(default=16.0, metadata={"help": "Scale numerator of the low-rank update (alpha / rank)."})
+    adapter_roles: tuple[str, ...] = field(default=("q", "v"), metadata={"help": "Roles that get the low-rank update."})
 
     def __post_init__(self) -> None:
         if not (self.rows or self.cols):
@@ -56,6 +60,9 @@ class GateConfig:
             self.roles = tuple(self.roles)
         if self.target_modules is not None:
             self.target_modules = tuple(self.target_modules)
+        self.adapter_roles = tuple(self.adapter_roles)
+        if self.adapter_rank < 0:
+            raise ValueError(f"GateConfig: adapter_rank must be >= 0, got {self.adapter_rank}")
 
 
 def _targets(model: nn.Module, spec: ArchSpec, cfg: GateConfig) -> list[tuple[int, str, str]]:
@@ -101,7 +108,9 @@ def apply_gates(model: nn.Module, cfg: GateConfig | None = None) -> nn.Module:
             raise ValueError(f"layer {i} {path} already has gates")
         if not isinstance(base, nn.Linear):
             raise TypeError(f"layer {i} {path} is {type(base).__name__}, not nn.Linear")
-        gated = GatedLinear(base, cfg.param, rows=cfg.rows, cols=cfg.cols, role=role, layer=i)
+        rank = cfg.adapter_rank if role in cfg.adapter_roles else 0
+        gated = GatedLinear(base, cfg.param, rows=cfg.rows, cols=cfg.cols, role=role, layer=i,
+                            adapter_rank=rank, adapter_alpha=cfg.adapter_alpha)
         gated.to(dtype=torch.float32)  # gates always fp32, whatever the frozen weights are
         gated.base.to(base.weight.dtype)
         _set_submodule(block, path, gated)

@@ -38,6 +38,7 @@ class Recipe:
     head_lr: float
     bias_lr: float = 1e-3
     weight_lr: float = 2e-5  # with gate.train_weights: full finetuning's lr (Devlin et al., 2019)
+    adapter_lr: float = 5e-4  # with gate.adapter_rank: LoRA's usual lr
     ramp_fraction: float = 0.0  # scheduled-target ramp, as a fraction of all training steps
     warmup_fraction: float = 0.0  # penalty-free start (gates learn the task first), fraction of all steps
     description: str = ""

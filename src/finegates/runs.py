@@ -31,7 +31,7 @@ def gate_config(run: dict) -> GateConfig:
     known = {f.name for f in fields(GateConfig)}
     kwargs = {k: v for k, v in gate.items() if k in known}
     kwargs["param"] = GateParam(**gate.get("param", {}))
-    for key in ("roles", "target_modules", "layers"):
+    for key in ("roles", "target_modules", "layers", "adapter_roles"):
         if kwargs.get(key) is not None:
             kwargs[key] = tuple(kwargs[key])
     return GateConfig(**kwargs)
