@@ -111,8 +111,9 @@ def train(
         "Default: squarehead for gmp, none otherwise (supported by gates, full, gmp)."
     ),
     recipe: Optional[str] = typer.Option(
-        None, help="Gate recipe: finetune (ours: weights finetune too, units close by importance), fast (ours: "
-        "frozen weights, only gates/biases/head train), paper (published code), stg, paper-lm. "
+        None, help="Gate recipe: finetune (ours: weights finetune too, units close by importance), frozen (ours: "
+        "frozen weights, gates over a rank-4 update of q,v, units close by importance), fast (ours: frozen weights, "
+        "only gates/biases/head train), paper (published code), stg, paper-lm. "
         "Default: finetune; paper-lm with --objective lm."
     ),
     sparsity: Optional[float] = typer.Option(

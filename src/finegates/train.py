@@ -63,7 +63,8 @@ class TrainConfig:
     regression: bool = field(default=False, metadata={"help": "Own data: numeric target."})
     method: str = field(default="gates", metadata={"help": "Training method."})
     recipe: str = field(default=DEFAULT_RECIPE, metadata={
-        "help": "Gate recipe: finetune (ours, default), fast (ours, frozen weights), paper, stg."})
+        "help": "Gate recipe: finetune (ours, default), frozen (ours, frozen weights + low-rank update), fast (ours, "
+        "frozen weights), paper, stg."})
     sparsity: float = field(default=0.4, metadata={"help": "Target fraction of layer parameters removed."})
     epochs: float = field(default=3, metadata={"help": "Training epochs (fractions allowed)."})
     max_steps: int | None = field(default=None, metadata={"help": "Stop after this many steps."})
