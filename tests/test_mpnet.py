@@ -19,6 +19,7 @@ from finegates.cli import app
 
 from compress_models import gated, inputs
 from run_helpers import write_task
+from test_decoders import _FakeDist as _Dist
 
 
 def _diff(a, b, x) -> float:
@@ -121,14 +122,6 @@ def test_compress_will_not_overwrite_a_foreign_folder(mpnet_run, tmp_path):
 
 
 # ---- the split-zip package ------------------------------------------------------------------------
-class _Dist:
-    def __init__(self, root: Path, files: list[str]) -> None:
-        self.root, self.files = root, [Path(f) for f in files]
-
-    def locate_file(self, f):
-        return self.root / f
-
-
 @pytest.fixture
 def fake_parts(tmp_path, monkeypatch):
     """Five installed fake part packages holding a tiny model-folder zip split in five."""
