@@ -41,7 +41,7 @@ def test_compress_export_bench_from_a_run(tmp_path):
     assert report["layer_linear_params_compressed"] == report["coupling_predicted_linear_params"]
     assert report["params_compressed"] < report["params_dense"]
     assert 0 < report["layer_params_removed_fraction"] < 1
-    assert finegates.load(model_dir).config.finegates["format_version"] == 1
+    assert finegates.load(model_dir).config.finegates["format_version"] == 2
 
     out = _cli("export", model_dir, "--onnx", tmp_path / "small.onnx").output
     assert float(out.rsplit("ONNX Runtime:", 1)[1].strip()) <= 1e-4

