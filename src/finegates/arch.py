@@ -143,15 +143,6 @@ ARCHS: dict[str, ArchSpec] = {
             intermediate_attr="hidden_dim",
             head_attrs={"n_heads": "heads"},
         ),
-        ArchSpec(
-            family="mpnet",
-            model_types=("mpnet",),
-            layers="encoder.layer",
-            modules={"q": "attention.attn.q", "k": "attention.attn.k", "v": "attention.attn.v",
-                     "o": "attention.attn.o", "up": "intermediate.dense", "down": "output.dense"},
-            attention="attention.attn",
-            head=("classifier",),
-        ),
         *(
             ArchSpec(
                 family=name,
