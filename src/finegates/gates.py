@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from .gated_linear import gated_linear
 
 OFFSET = 0.5  # the +0.5 shift of both the paper's code and STG
 CLOSED_THETA = -10.0  # a theta whose gate is 0 for both mean functions, far from the clamp: stays closed
@@ -95,7 +96,7 @@ class Gate(nn.Module):
     def close(self, mask: torch.Tensor) -> None:
         """Close the gates in `mask` for good: their theta goes where neither noise nor the
         (clamped, hence zero) gradient can bring it back."""
-        self.theta[mask] = CLOSED_THETA
+        self.theta.masked_fill_(mask, CLOSED_THETA)  # a mask, not an index: no read-back from the device
 
     def values(self) -> torch.Tensor:
         """Deterministic evaluation values (what gets baked into the weights)."""
@@ -165,12 +166,9 @@ class GatedLinear(nn.Module):
         }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.col_gate is not None:
-            x = x * self.col_gate().to(x.dtype)
-        y = F.linear(x, self.base.weight, self.base.bias)
-        if self.row_gate is not None:
-            y = y * self.row_gate().to(y.dtype)
-        return y
+        z_r = None if self.row_gate is None else self.row_gate()
+        z_c = None if self.col_gate is None else self.col_gate()
+        return gated_linear(x, self.base.weight, self.base.bias, z_r, z_c)
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:

@@ -40,6 +40,7 @@ from .methods import Method, get_method
 from .model import count_params, count_trainable
 from .models import load_classifier, load_config, load_tokenizer, max_tokens, resolve
 from .pooling import POOLINGS
+from .progress import Progress
 from .recipes import DEFAULT_RECIPE
 from .tasks import Example, TaskSpec, UserData, load_glue
 
@@ -84,6 +85,8 @@ class TrainConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "Gradient-norm clip (0: off)."})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda."})
     trace_every: int = field(default=0, metadata={"help": "Log training internals every N steps (0: off)."})
+    log_every: int = field(default=50, metadata={
+        "help": "Progress statistics every N steps: the bar's values, or a plain line when not on a terminal."})
     checkpoint_every: int = field(default=0, metadata={"help": "Also checkpoint every N steps (0: at evaluations only)."})
     skip_nonfinite: bool = field(default=False, metadata={"help": "Skip batches with a NaN/inf loss or gradient."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
@@ -113,7 +116,7 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
-        for name in ("eval_batch_size", "evals_per_epoch"):
+        for name in ("eval_batch_size", "evals_per_epoch", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         for name in ("trace_every", "checkpoint_every", "grad_clip"):
@@ -248,6 +251,7 @@ def _versions() -> dict:
     return {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__}
 
 
+WARM_STEPS = 3  # `steady_seconds_per_step` leaves out each process's first steps (allocator, kernel choice)
 MAX_NONFINITE_IN_A_ROW = 10  # with skip_nonfinite: more than this means the run has diverged
 
 
@@ -310,10 +314,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     step, t_train, order, history = loop["step"], loop["t_train"], list(loop["order"]), list(loop["history"])
     skipped, in_a_row, last_ckpt = loop["skipped"], loop["in_a_row"], (step if ckpt is not None else None)
     params = [p for g in groups for p in g["params"]]
-    bar = tqdm(total=total_steps, initial=step, desc=f"{cfg.method} {spec.name}",
-               disable=not (cfg.progress and procs.main), dynamic_ncols=True)
+    bar = Progress(total_steps, step, f"{cfg.method} {spec.name}", cfg.progress and procs.main, cfg.log_every)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    first_step, warm, peak = step, None, None  # steady timing starts after this process's WARM_STEPS
     while step < total_steps:
         if not order:
             order = torch.randperm(len(train_data), generator=gen).tolist()
@@ -331,17 +335,17 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             loss, logs["kd"] = teacher.mix(task_loss, out.logits.float(), local)
         loss = loss if extra is None else loss + extra
         optimizer.zero_grad(set_to_none=True)
-        bad = None if all_finite(loss, procs) else f"loss is {loss.item()} (task loss {task_loss.item():.4g})"
-        if bad is None:
-            loss.backward()  # a clip at inf measures the norm and scales by exactly 1
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            bad = None if torch.isfinite(norm) else f"gradient norm is {norm.item()}"
+        loss.backward()  # a clip at inf measures the norm and scales by exactly 1
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        # the step's one host synchronisation: all processes agree to step or to skip
+        bad = None if all_finite(torch.stack([loss.detach(), norm.to(loss.dtype)]), procs) else _why(loss, task_loss, norm)
         if bad is None:
             optimizer.step()
             in_a_row = 0
         else:
             skipped, in_a_row = skipped + 1, in_a_row + 1
             optimizer.zero_grad(set_to_none=True)
+            method.discard_step(model)
             if not cfg.skip_nonfinite or in_a_row >= MAX_NONFINITE_IN_A_ROW:
                 bar.close()
                 why = (f"{bad} at step {step}, {in_a_row} non-finite batches in a row: training diverged"
@@ -353,10 +357,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             torch.cuda.synchronize(device)
         t_train += time.perf_counter() - t0
         step += 1
-        bar.update(1)
+        warm = (step, t_train) if step == first_step + WARM_STEPS else warm
+        peak = peak_memory_mb(device) if step == total_steps else peak  # training's peak, before the last eval
+        bar.update(lambda: {"loss": f"{task_loss.item():.3f}", **method.progress()})
         if procs.main and cfg.trace_every and (step % cfg.trace_every == 0 or step == 1):
             append_jsonl(cfg.out / "trace.jsonl", {"step": step, "task_loss": task_loss.item(),
-                                                    **logs, **method.progress(), **_gate_trace(model)})
+                                                    **_floats(logs), **method.progress(), **_gate_trace(model)})
         if step in eval_points:
             scores = broadcast(evaluate(model, spec, evals, cfg, device) if procs.main else None, procs)
             record = {"step": step, "epoch": round(step / steps_per_epoch, 3), "dev": scores,
@@ -377,8 +383,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                                                                "history": history, "skipped": skipped,
                                                                "in_a_row": in_a_row, "data": data_fp})
             last_ckpt = step
-        if cfg.progress and step % 10 == 0:  # progress() may sync the GPU: not every step
-            bar.set_postfix(loss=f"{task_loss.item():.3f}", **method.progress())
     bar.close()
     method.finish(model)
 
@@ -389,7 +393,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         "dev": final["dev"], "score": final["score"], "best": {"step": best["step"], "dev": best["dev"]},
         "trainable_params": trainable_params, "total_params": dense_params,
         "train_seconds": t_train, "seconds_per_step": t_train / max(step, 1),
-        "peak_memory_mb": peak_memory_mb(device), "device": str(device), "skipped_nonfinite": skipped,
+        "steady_seconds_per_step": (t_train - warm[1]) / (step - warm[0]) if warm and step > warm[0] else None,
+        "peak_memory_mb": peak if peak is not None else peak_memory_mb(device), "device": str(device), "skipped_nonfinite": skipped,
         "resumed_from_step": ckpt["step"] if ckpt is not None else None,
         "processes": procs.world, "samples_per_second": step * cfg.batch_size / max(t_train, 1e-9),
         **method.summary(model), "complete": True,
@@ -452,6 +457,20 @@ def _check_finite(model, step: int, cfg: TrainConfig, last_ckpt: int | None) -> 
     bad = nonfinite({n: p for n, p in model.named_parameters() if p.requires_grad})
     if bad:
         raise TrainingError(_stopped(cfg, f"trained tensor {bad[0]} is not finite at step {step}", last_ckpt))
+
+
+def _why(loss: torch.Tensor, task_loss: torch.Tensor, norm: torch.Tensor) -> str:
+    """What made a step non-finite (read back only when one is)."""
+    if not torch.isfinite(loss):
+        return f"loss is {loss.item()} (task loss {task_loss.item():.4g})"
+    if not torch.isfinite(norm):
+        return f"gradient norm is {norm.item()}"
+    return "the loss or gradient of another process is not finite"
+
+
+def _floats(logs: dict) -> dict:
+    """Per-step log values stay on the device until a trace line is written."""
+    return {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in logs.items()}
 
 
 def _metric_keys(spec: TaskSpec, evals: dict) -> tuple[str, ...]:
