@@ -37,7 +37,7 @@ from .checkpoint import (
 from .distributed import Processes, all_finite, barrier, broadcast, local_slice, processes, wrap
 from .files import append_jsonl, write_json
 from .methods import Method, get_method
-from .model import count_params, count_trainable
+from .model import count_params, count_trainable, gate_trace
 from .models import load_classifier, load_config, load_tokenizer, max_tokens, resolve
 from .pooling import POOLINGS
 from .progress import Progress
@@ -362,7 +362,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         bar.update(lambda: {"loss": f"{task_loss.item():.3f}", **method.progress()})
         if procs.main and cfg.trace_every and (step % cfg.trace_every == 0 or step == 1):
             append_jsonl(cfg.out / "trace.jsonl", {"step": step, "task_loss": task_loss.item(),
-                                                    **_floats(logs), **method.progress(), **_gate_trace(model)})
+                                                    **_floats(logs), **method.progress(), **gate_trace(model)})
         if step in eval_points:
             scores = broadcast(evaluate(model, spec, evals, cfg, device) if procs.main else None, procs)
             record = {"step": step, "epoch": round(step / steps_per_epoch, 3), "dev": scores,
@@ -480,23 +480,6 @@ def _metric_keys(spec: TaskSpec, evals: dict) -> tuple[str, ...]:
 def _eval_points(total: int, per_epoch: int, per_epoch_evals: int) -> set[int]:
     every = max(1, per_epoch // max(1, per_epoch_evals))
     return {s for s in range(every, total + 1, every)} | {total}
-
-
-def _gate_trace(model) -> dict:
-    """Gate-value quantiles and gradient norm: the internals the recipe study plots."""
-    from .model import gate_parameters, gated_layers
-
-    thetas = gate_parameters(model)
-    if not thetas:
-        return {}
-    with torch.no_grad():
-        vals = torch.cat([g.values().flatten() for m in gated_layers(model) for g in m.gates().values()]).float().cpu()
-        grads = [p.grad for p in thetas if p.grad is not None]
-        gnorm = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads))) if grads else 0.0
-    q = torch.quantile(vals, torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95])).tolist()
-    return {"gate_q": [round(x, 4) for x in q], "gate_closed": float((vals <= 0).float().mean()),
-            "gate_grad_norm": gnorm,
-            "gate_hist": torch.histc(vals, bins=20, min=0.0, max=1.0).int().tolist()}
 
 
 def _jsonable(obj):
