@@ -148,6 +148,7 @@ def train(
     checkpoint_every: int = typer.Option(0, help="Also checkpoint every N steps for --resume (0: at evaluations)."),
     skip_nonfinite: bool = typer.Option(False, help="Skip (and count) batches with a NaN/inf loss or gradient."),
     progress: bool = typer.Option(True, help="Show progress bars."),
+    log_every: int = typer.Option(50, help="Progress statistics every N steps (a plain line when not on a terminal)."),
     objective: str = typer.Option("classify", help="classify (GLUE / own data) or lm (decoders: causal-LM loss, perplexity)."),
     text_files: Optional[str] = typer.Option(None, help="lm: training text files, comma-separated."),
     eval_text_file: Optional[Path] = typer.Option(None, help="lm: text file to measure perplexity on."),
@@ -207,7 +208,7 @@ def train(
         lam=lam, reg_start_step=reg_start_step, regularizer=regularizer, train_bias=train_bias, seed=seed,
         train_limit=train_limit, eval_limit=eval_limit, evals_per_epoch=evals_per_epoch, device=device,
         trace_every=trace_every, checkpoint_every=checkpoint_every, skip_nonfinite=skip_nonfinite,
-        progress=progress, method_options=_options(opt), distill=distill, pooling=pooling,
+        progress=progress, log_every=log_every, method_options=_options(opt), distill=distill, pooling=pooling,
         recipe_options=_recipe_options(prune_units, weight_lr), train_weights=train_weights,
         teacher=str(teacher) if teacher is not None else None, kd_weight=kd_weight, kd_temperature=kd_temperature,
     )

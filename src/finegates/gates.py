@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .gated_linear import gated_linear
+
 OFFSET = 0.5  # the +0.5 shift of both the paper's code and STG
 CLOSED_THETA = -10.0  # a theta whose gate is 0 for both mean functions, far from the clamp: stays closed
 
@@ -95,7 +97,7 @@ class Gate(nn.Module):
     def close(self, mask: torch.Tensor) -> None:
         """Close the gates in `mask` for good: their theta goes where neither noise nor the
         (clamped, hence zero) gradient can bring it back."""
-        self.theta[mask] = CLOSED_THETA
+        self.theta.masked_fill_(mask, CLOSED_THETA)  # a mask, not an index: no read-back from the device
 
     def values(self) -> torch.Tensor:
         """Deterministic evaluation values (what gets baked into the weights)."""
@@ -176,14 +178,19 @@ class GatedLinear(nn.Module):
         }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.col_gate is not None:
-            x = x * self.col_gate().to(x.dtype)
-        y = F.linear(x, self.base.weight, self.base.bias)
+        z_r = None if self.row_gate is None else self.row_gate()
+        z_c = None if self.col_gate is None else self.col_gate()
+        y = gated_linear(x, self.base.weight, self.base.bias, z_r, z_c)
         if self.lora_A is not None:
-            y = y + self.adapter_scale * F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
-        if self.row_gate is not None:
-            y = y * self.row_gate().to(y.dtype)
+            y = y + self._update(x, z_r, z_c)
         return y
+
+    def _update(self, x: torch.Tensor, z_r: torch.Tensor | None, z_c: torch.Tensor | None) -> torch.Tensor:
+        """`z_r * s B A (z_c x)`: the low-rank term of `W' = z_r (W + s B A) z_c`, kept outside the
+        fused node (it is linear in W, so the two terms add; autograd sums both paths' dL/dz)."""
+        xs = x if z_c is None else x * z_c.to(x.dtype)
+        u = self.adapter_scale * F.linear(F.linear(xs, self.lora_A.to(xs.dtype)), self.lora_B.to(xs.dtype))
+        return u if z_r is None else u * z_r.to(u.dtype)
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:

@@ -355,9 +355,9 @@ def train_lm(cfg: LMConfig) -> dict:
     """Train on the LM loss, evaluate perplexity `cfg.evals` times, write the run directory."""
     from .checkpoint import FORMAT_VERSION, model_fingerprint, nonfinite, save_trainable
     from .methods import get_method
-    from .model import count_params, count_trainable, gate_state_dict
+    from .model import count_params, count_trainable, gate_state_dict, gate_trace
     from .models import load_tokenizer, resolve
-    from .train import TrainingError, _gate_trace, _versions, peak_memory_mb, pick_device
+    from .train import TrainingError, _versions, peak_memory_mb, pick_device
 
     _seed(cfg.seed)
     device = pick_device(cfg.device)
@@ -433,7 +433,7 @@ def train_lm(cfg: LMConfig) -> dict:
         if cfg.trace_every and (step % cfg.trace_every == 0 or step == 1):
             append_jsonl(cfg.out / "trace.jsonl", {"step": step, "task_loss": task_loss.item(),
                                                     "lr": scheduler.get_last_lr()[0], **logs,
-                                                    **method.progress(), **_gate_trace(model)})
+                                                    **method.progress(), **gate_trace(model)})
         if step in eval_at:
             result = ppl()
             record = {"step": step, "epoch": round(step / per_epoch, 3), "dev": result,

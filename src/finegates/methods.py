@@ -40,6 +40,9 @@ class Method:
     def after_step(self, model: nn.Module, step: int) -> None:
         """Hook after the optimizer step (masks, schedules)."""
 
+    def discard_step(self, model: nn.Module) -> None:
+        """A skipped (non-finite) batch: forget what its backward pass gathered."""
+
     def summary(self, model: nn.Module) -> dict:
         """Method-specific entries for metrics.json."""
         return {}
@@ -141,12 +144,15 @@ class GatesMethod(Method):
         self._last = {"lambda": lam, "target": self.reg.target}
         if self.distiller is not None:
             feat = self.distiller.loss(batch)
-            self._last["distill"] = float(feat.detach())
+            self._last["distill"] = feat.detach()  # read back only when a trace line is written
             penalty = penalty + feat
         return penalty, self._last
 
     def after_step(self, model, step) -> None:
         self.reg.after_step(step)  # schedule taylor closes units here
+
+    def discard_step(self, model) -> None:
+        self.reg.discard_taylor()
 
     def finish(self, model) -> None:
         if self.distiller is not None:

@@ -226,3 +226,18 @@ def open_fractions(model: nn.Module) -> dict[str, dict[str, float]]:
                 out[key][f"{side}_expected_open"] = float(g.open_prob().mean())
                 out[key][f"{side}_open"] = float((~g.closed()).float().mean())
     return out
+
+
+def gate_trace(model: nn.Module) -> dict:
+    """Gate-value quantiles and gradient norm: the internals the recipe study plots."""
+    thetas = gate_parameters(model)
+    if not thetas:
+        return {}
+    with torch.no_grad():
+        vals = torch.cat([g.values().flatten() for m in gated_layers(model) for g in m.gates().values()]).float().cpu()
+        grads = [p.grad for p in thetas if p.grad is not None]
+        gnorm = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads))) if grads else 0.0
+    q = torch.quantile(vals, torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95])).tolist()
+    return {"gate_q": [round(x, 4) for x in q], "gate_closed": float((vals <= 0).float().mean()),
+            "gate_grad_norm": gnorm,
+            "gate_hist": torch.histc(vals, bins=20, min=0.0, max=1.0).int().tolist()}

@@ -37,9 +37,10 @@ from .checkpoint import (
 from .distributed import Processes, all_finite, barrier, broadcast, local_slice, processes, wrap
 from .files import append_jsonl, write_json
 from .methods import Method, get_method
-from .model import count_params, count_trainable
+from .model import count_params, count_trainable, gate_trace
 from .models import load_classifier, load_config, load_tokenizer, max_tokens, resolve
 from .pooling import POOLINGS
+from .progress import Progress
 from .recipes import DEFAULT_RECIPE
 from .tasks import Example, TaskSpec, UserData, load_glue
 
@@ -85,6 +86,8 @@ class TrainConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "Gradient-norm clip (0: off)."})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda."})
     trace_every: int = field(default=0, metadata={"help": "Log training internals every N steps (0: off)."})
+    log_every: int = field(default=50, metadata={
+        "help": "Progress statistics every N steps: the bar's values, or a plain line when not on a terminal."})
     checkpoint_every: int = field(default=0, metadata={"help": "Also checkpoint every N steps (0: at evaluations only)."})
     skip_nonfinite: bool = field(default=False, metadata={"help": "Skip batches with a NaN/inf loss or gradient."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
@@ -114,7 +117,7 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
-        for name in ("eval_batch_size", "evals_per_epoch"):
+        for name in ("eval_batch_size", "evals_per_epoch", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         for name in ("trace_every", "checkpoint_every", "grad_clip"):
@@ -249,6 +252,7 @@ def _versions() -> dict:
     return {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__}
 
 
+WARM_STEPS = 3  # `steady_seconds_per_step` leaves out each process's first steps (allocator, kernel choice)
 MAX_NONFINITE_IN_A_ROW = 10  # with skip_nonfinite: more than this means the run has diverged
 
 
@@ -311,10 +315,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     step, t_train, order, history = loop["step"], loop["t_train"], list(loop["order"]), list(loop["history"])
     skipped, in_a_row, last_ckpt = loop["skipped"], loop["in_a_row"], (step if ckpt is not None else None)
     params = [p for g in groups for p in g["params"]]
-    bar = tqdm(total=total_steps, initial=step, desc=f"{cfg.method} {spec.name}",
-               disable=not (cfg.progress and procs.main), dynamic_ncols=True)
+    bar = Progress(total_steps, step, f"{cfg.method} {spec.name}", cfg.progress and procs.main, cfg.log_every)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    first_step, warm, peak = step, None, None  # steady timing starts after this process's WARM_STEPS
     while step < total_steps:
         if not order:
             order = torch.randperm(len(train_data), generator=gen).tolist()
@@ -332,17 +336,17 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             loss, logs["kd"] = teacher.mix(task_loss, out.logits.float(), local)
         loss = loss if extra is None else loss + extra
         optimizer.zero_grad(set_to_none=True)
-        bad = None if all_finite(loss, procs) else f"loss is {loss.item()} (task loss {task_loss.item():.4g})"
-        if bad is None:
-            loss.backward()  # a clip at inf measures the norm and scales by exactly 1
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            bad = None if torch.isfinite(norm) else f"gradient norm is {norm.item()}"
+        loss.backward()  # a clip at inf measures the norm and scales by exactly 1
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        # the step's one host synchronisation: all processes agree to step or to skip
+        bad = None if all_finite(torch.stack([loss.detach(), norm.to(loss.dtype)]), procs) else _why(loss, task_loss, norm)
         if bad is None:
             optimizer.step()
             in_a_row = 0
         else:
             skipped, in_a_row = skipped + 1, in_a_row + 1
             optimizer.zero_grad(set_to_none=True)
+            method.discard_step(model)
             if not cfg.skip_nonfinite or in_a_row >= MAX_NONFINITE_IN_A_ROW:
                 bar.close()
                 why = (f"{bad} at step {step}, {in_a_row} non-finite batches in a row: training diverged"
@@ -354,10 +358,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             torch.cuda.synchronize(device)
         t_train += time.perf_counter() - t0
         step += 1
-        bar.update(1)
+        warm = (step, t_train) if step == first_step + WARM_STEPS else warm
+        peak = peak_memory_mb(device) if step == total_steps else peak  # training's peak, before the last eval
+        bar.update(lambda: {"loss": f"{task_loss.item():.3f}", **method.progress()})
         if procs.main and cfg.trace_every and (step % cfg.trace_every == 0 or step == 1):
             append_jsonl(cfg.out / "trace.jsonl", {"step": step, "task_loss": task_loss.item(),
-                                                    **logs, **method.progress(), **_gate_trace(model)})
+                                                    **_floats(logs), **method.progress(), **gate_trace(model)})
         if step in eval_points:
             scores = broadcast(evaluate(model, spec, evals, cfg, device) if procs.main else None, procs)
             record = {"step": step, "epoch": round(step / steps_per_epoch, 3), "dev": scores,
@@ -378,8 +384,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                                                                "history": history, "skipped": skipped,
                                                                "in_a_row": in_a_row, "data": data_fp})
             last_ckpt = step
-        if cfg.progress and step % 10 == 0:  # progress() may sync the GPU: not every step
-            bar.set_postfix(loss=f"{task_loss.item():.3f}", **method.progress())
     bar.close()
     method.finish(model)
 
@@ -390,7 +394,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         "dev": final["dev"], "score": final["score"], "best": {"step": best["step"], "dev": best["dev"]},
         "trainable_params": trainable_params, "total_params": dense_params,
         "train_seconds": t_train, "seconds_per_step": t_train / max(step, 1),
-        "peak_memory_mb": peak_memory_mb(device), "device": str(device), "skipped_nonfinite": skipped,
+        "steady_seconds_per_step": (t_train - warm[1]) / (step - warm[0]) if warm and step > warm[0] else None,
+        "peak_memory_mb": peak if peak is not None else peak_memory_mb(device), "device": str(device), "skipped_nonfinite": skipped,
         "resumed_from_step": ckpt["step"] if ckpt is not None else None,
         "processes": procs.world, "samples_per_second": step * cfg.batch_size / max(t_train, 1e-9),
         **method.summary(model), "complete": True,
@@ -455,6 +460,20 @@ def _check_finite(model, step: int, cfg: TrainConfig, last_ckpt: int | None) -> 
         raise TrainingError(_stopped(cfg, f"trained tensor {bad[0]} is not finite at step {step}", last_ckpt))
 
 
+def _why(loss: torch.Tensor, task_loss: torch.Tensor, norm: torch.Tensor) -> str:
+    """What made a step non-finite (read back only when one is)."""
+    if not torch.isfinite(loss):
+        return f"loss is {loss.item()} (task loss {task_loss.item():.4g})"
+    if not torch.isfinite(norm):
+        return f"gradient norm is {norm.item()}"
+    return "the loss or gradient of another process is not finite"
+
+
+def _floats(logs: dict) -> dict:
+    """Per-step log values stay on the device until a trace line is written."""
+    return {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in logs.items()}
+
+
 def _metric_keys(spec: TaskSpec, evals: dict) -> tuple[str, ...]:
     return tuple(f"{n}_{s}" if s else n for s in evals for n in spec.metrics)
 
@@ -462,23 +481,6 @@ def _metric_keys(spec: TaskSpec, evals: dict) -> tuple[str, ...]:
 def _eval_points(total: int, per_epoch: int, per_epoch_evals: int) -> set[int]:
     every = max(1, per_epoch // max(1, per_epoch_evals))
     return {s for s in range(every, total + 1, every)} | {total}
-
-
-def _gate_trace(model) -> dict:
-    """Gate-value quantiles and gradient norm: the internals the recipe study plots."""
-    from .model import gate_parameters, gated_layers
-
-    thetas = gate_parameters(model)
-    if not thetas:
-        return {}
-    with torch.no_grad():
-        vals = torch.cat([g.values().flatten() for m in gated_layers(model) for g in m.gates().values()]).float().cpu()
-        grads = [p.grad for p in thetas if p.grad is not None]
-        gnorm = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads))) if grads else 0.0
-    q = torch.quantile(vals, torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95])).tolist()
-    return {"gate_q": [round(x, 4) for x in q], "gate_closed": float((vals <= 0).float().mean()),
-            "gate_grad_norm": gnorm,
-            "gate_hist": torch.histc(vals, bins=20, min=0.0, max=1.0).int().tolist()}
 
 
 def _jsonable(obj):
