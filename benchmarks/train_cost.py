@@ -31,7 +31,7 @@ from benchmarks.report import git_commit, write_results
 from benchmarks.runner import job_env, quiet
 
 # (method, recipe): the gate recipes, then the baselines at their defaults (LoRA: r=8 on q, v)
-METHODS = (("gates", "fast"), ("lora", None), ("bitfit", None), ("full", None), ("gates", "finetune"))
+METHODS = (("gates", "fast"), ("gates", "frozen"), ("lora", None), ("bitfit", None), ("full", None), ("gates", "finetune"))
 
 
 def run_one(job: dict, threads: int) -> None:
@@ -91,6 +91,8 @@ def checks(summary: list[dict]) -> list[str]:
     by = {(r["method"], r["recipe"]): r for r in summary}
     pairs = [("fast / LoRA seconds per step", ("gates", "fast"), ("lora", None), "seconds_per_step"),
              ("fast / LoRA peak memory", ("gates", "fast"), ("lora", None), "peak_memory_mb"),
+             ("frozen / LoRA seconds per step", ("gates", "frozen"), ("lora", None), "seconds_per_step"),
+             ("frozen / LoRA peak memory", ("gates", "frozen"), ("lora", None), "peak_memory_mb"),
              ("finetune / full finetuning seconds per step", ("gates", "finetune"), ("full", None), "seconds_per_step")]
     return [f"{text}: {by[a][key] / by[b][key]:.2f}" for text, a, b, key in pairs if a in by and b in by]
 
@@ -137,7 +139,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--methods", default=",".join(_name(m, r) for m, r in METHODS),
-                   help="comma-separated subset, e.g. gates:fast,lora (default: all five)")
+                   help="comma-separated subset, e.g. gates:fast,lora (default: all)")
     p.add_argument("--note", default="", help="a sentence for the table's header (e.g. that the machine was shared)")
     p.add_argument("--results", default="benchmarks/results/train_cost.json", help="JSON to write (.md beside it)")
     p.add_argument("--runs", default=None, help="keep the run directories here (default: a temporary folder)")
