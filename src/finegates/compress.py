@@ -31,6 +31,7 @@ from .compact import AttnLayout, CompactAttention, Constant, padded_linear, spre
 from .coupling import DELETABLE_SIDE, BlockLayout, keep, kept_params
 from .files import atomic_write, save_tensors, write_json
 from .gates import GatedLinear
+from .outputs import COMPRESSED, check_output, output_folder
 from .pooling import restore_pooling
 
 FORMAT_VERSION = 1
@@ -297,16 +298,20 @@ def linear_params(model: nn.Module) -> int:
 
 
 # ---- save / load --------------------------------------------------------------------------------
-def save_compressed(model: nn.Module, tokenizer, out_dir, report: dict | None = None) -> Path:
-    """Write weights, tokenizer and config.json (with the `finegates` shapes), each atomically.
-
-    config.json goes last: a folder without it is not a model.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    fg = getattr(model.config, "finegates", None)
-    if not fg:
+def save_compressed(model: nn.Module, tokenizer, out_dir, report: dict | None = None, overwrite: bool = False) -> Path:
+    """Write weights, tokenizer and config.json (with the `finegates` shapes) to a new or empty
+    folder, or over a compressed model with `overwrite`; the folder appears only once complete
+    (outputs.py)."""
+    if not getattr(model.config, "finegates", None):
         raise ValueError("save_compressed: this model was not compressed (no config.finegates)")
+    with output_folder(out_dir, COMPRESSED, overwrite=overwrite) as out:
+        _write_compressed(model, tokenizer, out, report)
+    return Path(out_dir)
+
+
+def _write_compressed(model: nn.Module, tokenizer, out: Path, report: dict | None) -> None:
+    """config.json goes last: a folder without it is not a model."""
+    fg = model.config.finegates
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     save_tensors(out / WEIGHTS, state, metadata={"format": "pt", "finegates_format": str(FORMAT_VERSION)})
     if tokenizer is not None:
@@ -320,7 +325,6 @@ def save_compressed(model: nn.Module, tokenizer, out_dir, report: dict | None = 
     config = model.config.to_dict()
     config["finegates"] = fg
     write_json(out / "config.json", config)
-    return out
 
 
 def load(model_dir) -> nn.Module:
@@ -386,14 +390,19 @@ def logits(model: nn.Module, batches: list[dict]) -> torch.Tensor:
     return torch.cat([model(**b).logits.float() for b in batches])
 
 
-def compress_run(run_dir, out_dir, limit: int = 64) -> dict:
+def compress_run(run_dir, out_dir, limit: int = 64, overwrite: bool = False) -> dict:
     """Rebuild a run's gated model, compress it, check it on `limit` eval examples, save it.
 
-    Returns the report (also written to OUT_DIR/compress_report.json, `REPORT`).
+    Returns the report (also written to OUT_DIR/compress_report.json, `REPORT`). OUT_DIR must be
+    new or empty (or a compressed model, with `overwrite`), never the run or its model: checked first.
     """
     from .runs import eval_batches, load_run, read_run_config
 
-    if read_run_config(Path(run_dir)).get("objective") == "lm":  # decoders: LM runs (lm.py, pretrain.py)
+    run_cfg = read_run_config(Path(run_dir))
+    base = run_cfg.get("model_location")
+    check_output(out_dir, COMPRESSED, inputs=(run_dir, base if base and Path(base).is_absolute() else None),
+                 overwrite=overwrite)
+    if run_cfg.get("objective") == "lm":  # decoders: LM runs (lm.py, pretrain.py)
         from .lm import eval_batches, load_lm_run as load_run
     gated, tokenizer, run = load_run(run_dir)
     batches = eval_batches(run_dir, tokenizer, limit)
@@ -418,5 +427,5 @@ def compress_run(run_dir, out_dir, limit: int = 64) -> dict:
         "residual_stream": "kept; its gates are baked into the weights as scaling (docs/compression.md)",
         "format_version": FORMAT_VERSION,
     }
-    save_compressed(model, tokenizer, out_dir, report)
+    save_compressed(model, tokenizer, out_dir, report, overwrite=overwrite)
     return report
