@@ -34,7 +34,7 @@ from .checkpoint import (
     CHECKPOINT, FORMAT_VERSION, RunError, model_fingerprint, nonfinite, read_checkpoint, restore_checkpoint,
     save_checkpoint, save_trainable, truncate_log,
 )
-from .distributed import Processes, all_finite, barrier, broadcast, local_slice, processes, wrap
+from .distributed import Processes, all_finite, barrier, broadcast, gather, local_slice, processes, wrap
 from .files import append_jsonl, write_json
 from .methods import Method, get_method
 from .model import count_params, count_trainable
@@ -402,7 +402,8 @@ def _train(cfg: TrainConfig, resume: bool, target: Path) -> dict:
         "dev": final["dev"], "score": final["score"], "best": {"step": best["step"], "dev": best["dev"]},
         "trainable_params": trainable_params, "total_params": dense_params,
         "train_seconds": t_train, "seconds_per_step": t_train / max(step, 1),
-        "peak_memory_mb": peak_memory_mb(device), "device": str(device), "skipped_nonfinite": skipped,
+        "peak_memory_mb": peak_memory_mb(device), "peak_memory_mb_per_process": gather(peak_memory_mb(device), procs),
+        "device": str(device), "skipped_nonfinite": skipped,
         "resumed_from_step": ckpt["step"] if ckpt is not None else None,
         "processes": procs.world, "samples_per_second": step * cfg.batch_size / max(t_train, 1e-9),
         **method.summary(model), "complete": True,
