@@ -365,7 +365,7 @@ def test_gates_distill_uses_the_dense_teacher(tiny):
 @pytest.mark.parametrize("method", ("gates",) + BASELINES)
 def test_train_end_to_end_writes_metrics(tiny, method):
     kw = {"distill": "squarehead"} if method == "gates" else {}
-    result = train(cfg_for(tiny, method, max_steps=3, **kw))
+    result = train(cfg_for(tiny, method, max_steps=3, **kw), overwrite=True)  # an earlier test's run may be there
     run = tiny["root"] / f"run-{method}"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["complete"] and metrics["method"] == method and metrics["steps"] == 3

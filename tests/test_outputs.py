@@ -47,7 +47,8 @@ def task(tmp_path_factory) -> tuple[Path, Path]:
 
 def train_args(tiny, task, out, *extra) -> list:
     return ["train", "--out", out, "--model", tiny, "--train-file", task[0], "--eval-file", task[1],
-            "--text-columns", "text", "--no-progress", "--device", "cpu", "--batch-size", "8", "--max-steps", "2", *extra]
+            "--text-columns", "text", "--no-progress", "--device", "cpu", "--batch-size", "8", "--max-steps", "2",
+            *extra]
 
 
 @pytest.fixture(scope="module")

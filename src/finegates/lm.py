@@ -400,7 +400,8 @@ def _train_lm(cfg: LMConfig, target: Path) -> dict:
     for stale in ("metrics.json", "metrics.jsonl", "trace.jsonl"):
         (cfg.out / stale).unlink(missing_ok=True)
     write_json(cfg.out / "config.json", {
-        "format_version": FORMAT_VERSION, "objective": "lm", "train": {**asdict(cfg), "out": str(target)}, "model_location": location,
+        "format_version": FORMAT_VERSION, "objective": "lm", "train": {**asdict(cfg), "out": str(target)},
+        "model_location": location,
         "task": "lm", "fingerprint": fingerprint, "train_tokens": int(blocks_.numel()),
         "eval_tokens": int(eval_stream.numel()), "method_config": _method_config(method),
         "versions": _versions(),

@@ -378,7 +378,8 @@ def _pretrain(cfg: PretrainConfig, resume: bool, target: Path) -> dict:
     else:
         write_json(out / "config.json", {
             "format_version": FORMAT_VERSION, "objective": "lm", "task": "lm",
-            "train": {**asdict(cfg), "out": str(target), "method": f"pretrain-{cfg.mode}", "eval_text_file": cfg.valid_text_file},
+            "train": {**asdict(cfg), "out": str(target), "method": f"pretrain-{cfg.mode}",
+                      "eval_text_file": cfg.valid_text_file},
             "model_location": "model", "method_config": method_config,  # relative: the run's own folder
             "model_config": config.to_dict(), "train_tokens": int(blocks_.numel()), "versions": _versions(),
         })

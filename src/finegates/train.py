@@ -313,7 +313,8 @@ def _train(cfg: TrainConfig, resume: bool, target: Path) -> dict:
             raise RunError(f"{cfg.out / CHECKPOINT}: the training data changed since this checkpoint was written")
     _start_run_dir(cfg, ckpt, procs, {
         "format_version": FORMAT_VERSION,
-        "train": {**asdict(cfg), "out": str(target)}, "model_location": location, "task": spec.name, "labels": spec.labels,
+        "train": {**asdict(cfg), "out": str(target)}, "model_location": location, "task": spec.name,
+        "labels": spec.labels,
         "metrics": spec.metrics, "num_labels": spec.num_labels, "regression": spec.regression,
         "method_config": method.config(), "versions": _versions(),
         "fingerprint": fingerprint,
