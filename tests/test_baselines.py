@@ -398,9 +398,9 @@ def test_cli_train_with_opt(tiny, tmp_path):
     assert res.exit_code == 0, res.output
     mc = json.loads((tmp_path / "run" / "config.json").read_text())["method_config"]
     assert mc["options"]["r"] == 2 and any(t.endswith("attention.self.key") for t in mc["target_modules"])
-    bad = CliRunner().invoke(app, common + ["--opt", "rank=2"])
+    bad = CliRunner().invoke(app, common + ["--opt", "rank=2", "--overwrite"])
     assert bad.exit_code == 2 and "has no option 'rank'" in bad.output
-    bad = CliRunner().invoke(app, common + ["--opt", "r"])
+    bad = CliRunner().invoke(app, common + ["--opt", "r", "--overwrite"])
     assert bad.exit_code == 2 and "expected KEY=VALUE" in bad.output
 
 
