@@ -365,7 +365,7 @@ def test_gates_distill_uses_the_dense_teacher(tiny):
 @pytest.mark.parametrize("method", ("gates",) + BASELINES)
 def test_train_end_to_end_writes_metrics(tiny, method):
     kw = {"distill": "squarehead"} if method == "gates" else {}
-    result = train(cfg_for(tiny, method, max_steps=3, **kw))
+    result = train(cfg_for(tiny, method, max_steps=3, **kw), overwrite=True)  # an earlier test's run may be there
     run = tiny["root"] / f"run-{method}"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["complete"] and metrics["method"] == method and metrics["steps"] == 3
@@ -398,9 +398,9 @@ def test_cli_train_with_opt(tiny, tmp_path):
     assert res.exit_code == 0, res.output
     mc = json.loads((tmp_path / "run" / "config.json").read_text())["method_config"]
     assert mc["options"]["r"] == 2 and any(t.endswith("attention.self.key") for t in mc["target_modules"])
-    bad = CliRunner().invoke(app, common + ["--opt", "rank=2"])
+    bad = CliRunner().invoke(app, common + ["--opt", "rank=2", "--overwrite"])
     assert bad.exit_code == 2 and "has no option 'rank'" in bad.output
-    bad = CliRunner().invoke(app, common + ["--opt", "r"])
+    bad = CliRunner().invoke(app, common + ["--opt", "r", "--overwrite"])
     assert bad.exit_code == 2 and "expected KEY=VALUE" in bad.output
 
 

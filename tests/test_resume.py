@@ -24,7 +24,8 @@ from finegates.checkpoint import RunError
 from finegates.cli import app
 from run_helpers import make_tiny_bert, write_task
 
-TIMING = ("train_seconds", "seconds_per_step", "steady_seconds_per_step", "samples_per_second", "peak_memory_mb", "resumed_from_step")
+TIMING = ("train_seconds", "seconds_per_step", "steady_seconds_per_step", "samples_per_second", "peak_memory_mb",
+          "peak_memory_mb_per_process", "resumed_from_step")
 
 
 def _train(out: Path, model: Path, task: tuple[Path, Path], *extra: str) -> subprocess.Popen:

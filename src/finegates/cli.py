@@ -76,12 +76,23 @@ def _split(value: Optional[str]) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip()) if value else ()
 
 
+def _columns(repeated: Optional[list[str]], joined: Optional[str]) -> tuple[str, ...]:
+    """--text-column NAME (repeatable, taken verbatim: names may hold commas) or --text-columns a,b."""
+    if repeated and joined:
+        fail("give --text-column (repeatable) or --text-columns, not both")
+    return tuple(repeated) if repeated else _split(joined)
+
+
+OVERWRITE_HELP = "Replace this command's own earlier output at the target (only once the new one is complete)."
+
+
 @app.command()
 def train(
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory to write (config, metrics, trained gates)."),
     resume: Optional[Path] = typer.Option(
         None, "--resume", help="Continue an interrupted run from its checkpoint (its config.json; other options ignored)."
     ),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     task: Optional[str] = typer.Option(None, help="GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli."),
     data_dir: Optional[Path] = typer.Option(None, help="GLUE task folder holding train.tsv and dev.tsv."),
     model: Optional[str] = typer.Option(
@@ -91,6 +102,8 @@ def train(
     train_file: Optional[Path] = typer.Option(None, help="Own data: training file (.csv, .tsv, .jsonl)."),
     eval_file: Optional[Path] = typer.Option(None, help="Own data: evaluation file."),
     text_columns: Optional[str] = typer.Option(None, help="Own data: text column(s), comma-separated (1 or 2)."),
+    text_column: Optional[list[str]] = typer.Option(
+        None, "--text-column", help="Own data: one text column, repeatable; the name is taken as is (commas, spaces)."),
     label_column: str = typer.Option("label", help="Own data: label column."),
     regression: bool = typer.Option(False, help="Own data: the label is a number (regression)."),
     method: str = typer.Option(
@@ -170,6 +183,7 @@ def train(
 
         _print_result(run_guarded(run_train, run_guarded(config_from_run, resume), resume=True))
         return
+    columns = _columns(text_column, text_columns)
     if out is None:
         fail("give --out RUN_DIR (or --resume RUN_DIR to continue an interrupted run)")
     from .recipes import DEFAULT_RECIPE
@@ -195,13 +209,13 @@ def train(
             method_options=_options(opt), distill=distill, train_weights=train_weights,
             recipe_options=_recipe_options(None, weight_lr),
         )
-        _print_lm_result(run_guarded(train_lm, lm_cfg))
+        _print_lm_result(run_guarded(train_lm, lm_cfg, overwrite=overwrite))
         return
     if objective != "classify":
         fail(f"--objective must be classify or lm, got {objective!r}")
     cfg = run_guarded(
         TrainConfig, out=out, model=model, task=task, data_dir=data_dir, train_file=train_file,
-        eval_file=eval_file, text_columns=_split(text_columns), label_column=label_column,
+        eval_file=eval_file, text_columns=columns, label_column=label_column,
         regression=regression, method=method, recipe=chosen, sparsity=0.4 if sparsity is None else sparsity,
         epochs=epochs,
         max_steps=max_steps, batch_size=batch_size, max_length=max_length, lr=lr, head_lr=head_lr,
@@ -212,7 +226,7 @@ def train(
         recipe_options=_recipe_options(prune_units, weight_lr), train_weights=train_weights,
         teacher=str(teacher) if teacher is not None else None, kd_weight=kd_weight, kd_temperature=kd_temperature,
     )
-    result = run_guarded(run_train, cfg)
+    result = run_guarded(run_train, cfg, overwrite=overwrite)
     _print_result(result)
 
 
@@ -311,6 +325,7 @@ def compress(
     tolerance: float = typer.Option(
         1e-4, help="Largest max |logit diff| (compressed vs gated, on those examples) accepted; beyond it "
         "compress exits non-zero and writes nothing."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Bake the trained gates and delete every closed row/column: a smaller model, same outputs.
 
@@ -322,7 +337,7 @@ def compress(
     _quiet_transformers()
     from .compress import compress_run
 
-    report = run_guarded(compress_run, run_dir, out, examples, tolerance)
+    report = run_guarded(compress_run, run_dir, out, examples, tolerance, overwrite=overwrite)
     from rich.console import Console
     from rich.table import Table
 
@@ -341,6 +356,7 @@ def compress(
 def export(
     model_dir: Path = typer.Argument(..., help="A compressed model folder (or a dense HF folder)."),
     onnx: Path = typer.Option(..., "--onnx", help="ONNX file to write (dynamic batch and sequence axes)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing .onnx file."),
 ) -> None:
     """Export a model to ONNX and check it against PyTorch with ONNX Runtime.
 
@@ -349,7 +365,9 @@ def export(
     _quiet_transformers()
     from .bench import load_any, make_inputs
     from .export import export_onnx, onnx_max_abs_diff
+    from .outputs import check_output_file
 
+    run_guarded(check_output_file, onnx, inputs=(model_dir,), overwrite=overwrite, suffix=".onnx")
     model, _ = run_guarded(load_any, model_dir)
     path = run_guarded(export_onnx, model, onnx)
     checks = [make_inputs(model, 2, 16, seed=1), make_inputs(model, 3, 37, seed=2)]
@@ -419,6 +437,7 @@ def eval_(
 def pretrain(
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory to write (an lm run: compress/eval read it)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run from its checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     config: Optional[Path] = typer.Option(None, "--config", help="Model config JSON (e.g. configs/small-llama.json)."),
     text_files: Optional[str] = typer.Option(None, help="Training text files, comma-separated."),
     valid_text_file: Optional[Path] = typer.Option(None, help="Validation text (perplexity every --eval-every steps)."),
@@ -466,7 +485,7 @@ def pretrain(
             warmup_steps=warmup_steps, eval_every=eval_every, eval_tokens=eval_tokens, time_limit_s=time_limit_s,
             save_dtype=save_dtype, seed=seed, device=device, progress=progress,
         )
-        result = run_guarded(run_pretrain, cfg)
+        result = run_guarded(run_pretrain, cfg, overwrite=overwrite)
     test = f", test perplexity {result['test_perplexity']:.3f}" if result.get("test_perplexity") else ""
     removed = f", {100 * result['removed_fraction']:.1f}% of block linear params removable" \
         if "removed_fraction" in result else ""

@@ -33,8 +33,9 @@ from safetensors.torch import load_file
 from .arch import ArchSpec, blocks, get_submodule, spec_for
 from .compact import AttnLayout
 from .coupling import DELETABLE_SIDE, BlockLayout, keep, kept_params
-from .files import atomic_dir, atomic_write, save_tensors, write_json
+from .files import atomic_write, save_tensors, write_json
 from .gates import GatedLinear
+from .outputs import COMPRESSED, check_output, output_folder
 from .pooling import restore_pooling
 from .rebuild import FORMAT_VERSION, CompressedModelError, attention_module, build_block, rebuild, set_module
 
@@ -253,16 +254,20 @@ def linear_params(model: nn.Module) -> int:
 
 
 # ---- save / load --------------------------------------------------------------------------------
-def save_compressed(model: nn.Module, tokenizer, out_dir, report: dict | None = None) -> Path:
-    """Write weights, tokenizer and config.json (with the `finegates` shapes), each atomically.
-
-    config.json goes last: a folder without it is not a model.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    fg = getattr(model.config, "finegates", None)
-    if not fg:
+def save_compressed(model: nn.Module, tokenizer, out_dir, report: dict | None = None, overwrite: bool = False) -> Path:
+    """Write weights, tokenizer and config.json (with the `finegates` shapes) to a new or empty
+    folder, or over a compressed model with `overwrite`; the folder appears only once complete
+    (outputs.py)."""
+    if not getattr(model.config, "finegates", None):
         raise ValueError("save_compressed: this model was not compressed (no config.finegates)")
+    with output_folder(out_dir, COMPRESSED, overwrite=overwrite) as out:
+        _write_compressed(model, tokenizer, out, report)
+    return Path(out_dir)
+
+
+def _write_compressed(model: nn.Module, tokenizer, out: Path, report: dict | None) -> None:
+    """config.json goes last: a folder without it is not a model."""
+    fg = model.config.finegates
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     save_tensors(out / WEIGHTS, state, metadata={"format": "pt", "finegates_format": str(FORMAT_VERSION)})
     if tokenizer is not None:
@@ -276,7 +281,6 @@ def save_compressed(model: nn.Module, tokenizer, out_dir, report: dict | None = 
     config = model.config.to_dict()
     config["finegates"] = fg
     write_json(out / "config.json", config)
-    return out
 
 
 def load(model_dir) -> nn.Module:
@@ -341,25 +345,22 @@ class CompressionMismatchError(ValueError):
     """The compressed model does not reproduce the gated model: refused, nothing written."""
 
 
-def check_output_folder(out_dir) -> Path:
-    """OUT may be new, empty or an earlier compressed model (replaced): never anything else."""
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / REPORT).is_file())):
-        raise ValueError(f"{out}: exists and is not a compressed model folder; choose another --out")
-    return out
-
-
-def compress_run(run_dir, out_dir, limit: int = 64, tolerance: float = 1e-4) -> dict:
+def compress_run(run_dir, out_dir, limit: int = 64, tolerance: float = 1e-4, overwrite: bool = False) -> dict:
     """Rebuild a run's gated model, compress it, check it on `limit` eval examples, save it.
 
     The save happens only when the compressed logits are within `tolerance` (max |diff|) of the
-    gated model's; otherwise `CompressionMismatchError` and no OUT_DIR. The folder is built beside
-    OUT_DIR and renamed into place. Returns the report (also OUT_DIR/compress_report.json, `REPORT`).
+    gated model's; otherwise `CompressionMismatchError` and no OUT_DIR. OUT_DIR must be new or
+    empty (or a compressed model, with `overwrite`), never the run or its model: checked first; the
+    folder is built beside it and renamed into place. Returns the report (also
+    OUT_DIR/compress_report.json, `REPORT`).
     """
     from .runs import eval_batches, load_run, read_run_config
 
-    out = check_output_folder(out_dir)
-    if read_run_config(Path(run_dir)).get("objective") == "lm":  # decoders: LM runs (lm.py, pretrain.py)
+    run_cfg = read_run_config(Path(run_dir))
+    base = run_cfg.get("model_location")
+    check_output(out_dir, COMPRESSED, inputs=(run_dir, base if base and Path(base).is_absolute() else None),
+                 overwrite=overwrite)
+    if run_cfg.get("objective") == "lm":  # decoders: LM runs (lm.py, pretrain.py)
         from .lm import eval_batches, load_lm_run as load_run
     gated, tokenizer, run = load_run(run_dir)
     batches = eval_batches(run_dir, tokenizer, limit)
@@ -372,7 +373,7 @@ def compress_run(run_dir, out_dir, limit: int = 64, tolerance: float = 1e-4) -> 
     if not diff <= tolerance:  # also catches NaN
         raise CompressionMismatchError(
             f"compressed model differs from the gated one by max |logit diff| {diff:.2e} > tolerance {tolerance:.0e} "
-            f"on {before.shape[0]} eval examples; refusing to write {out}")
+            f"on {before.shape[0]} eval examples; refusing to write {out_dir}")
     n, n_layers, n_linear = count_params(model), layer_params(model), linear_params(model)
     regression = bool(run.get("regression"))
     agree = (before.squeeze(-1) - after.squeeze(-1)).abs() < 1e-4 if regression else before.argmax(-1) == after.argmax(-1)
@@ -389,5 +390,5 @@ def compress_run(run_dir, out_dir, limit: int = 64, tolerance: float = 1e-4) -> 
         "residual_stream": "kept; its gates are baked into the weights as scaling (docs/compression.md)",
         "format_version": FORMAT_VERSION,
     }
-    atomic_dir(out, lambda tmp: save_compressed(model, tokenizer, tmp, report))
+    save_compressed(model, tokenizer, out_dir, report, overwrite=overwrite)
     return report

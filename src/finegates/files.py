@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -33,31 +32,6 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> Path:
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
-    return path
-
-
-def atomic_dir(path: Path, fill: Callable[[Path], None]) -> Path:
-    """Call `fill(tmp_dir)` on a temporary sibling folder, then rename it to `path`.
-
-    A folder already at `path` is replaced only once the new one is complete; if `fill` fails,
-    nothing is left behind.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp's 0700 would make the folder private
-        fill(tmp)
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / path.name)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
 

@@ -28,7 +28,7 @@ import gzip
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -351,8 +351,18 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_lm(cfg: LMConfig) -> dict:
-    """Train on the LM loss, evaluate perplexity `cfg.evals` times, write the run directory."""
+def train_lm(cfg: LMConfig, overwrite: bool = False) -> dict:
+    """Train on the LM loss, evaluate perplexity `cfg.evals` times, write the run directory (new or
+    empty; `overwrite=True` replaces an earlier run there once the new one is complete: outputs.py)."""
+    from .outputs import TRAIN_RUN, output_folder
+
+    inputs = (cfg.model, *cfg.text_files, cfg.eval_text_file)
+    kind = replace(TRAIN_RUN, resumable=False)  # no --resume for lm runs: written beside, renamed when complete
+    with output_folder(cfg.out, kind, inputs=inputs, overwrite=overwrite) as folder:
+        return _train_lm(replace(cfg, out=folder), cfg.out)
+
+
+def _train_lm(cfg: LMConfig, target: Path) -> dict:
     from .checkpoint import FORMAT_VERSION, model_fingerprint, nonfinite, save_trainable
     from .methods import get_method
     from .model import count_params, count_trainable, gate_state_dict, gate_trace
@@ -390,7 +400,8 @@ def train_lm(cfg: LMConfig) -> dict:
     for stale in ("metrics.json", "metrics.jsonl", "trace.jsonl"):
         (cfg.out / stale).unlink(missing_ok=True)
     write_json(cfg.out / "config.json", {
-        "format_version": FORMAT_VERSION, "objective": "lm", "train": asdict(cfg), "model_location": location,
+        "format_version": FORMAT_VERSION, "objective": "lm", "train": {**asdict(cfg), "out": str(target)},
+        "model_location": location,
         "task": "lm", "fingerprint": fingerprint, "train_tokens": int(blocks_.numel()),
         "eval_tokens": int(eval_stream.numel()), "method_config": _method_config(method),
         "versions": _versions(),

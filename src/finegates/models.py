@@ -11,6 +11,7 @@ import torch.nn as nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from .arch import UnsupportedModelError, spec_for_model_type
+from .fits import check_head
 from .pooling import apply_pooling, resolve_pooling
 from .prepare import is_packaged, prepare
 
@@ -95,15 +96,6 @@ def load_tokenizer(location: str):
     return tok
 
 
-def max_tokens(config, tokenizer) -> int | None:
-    """The longest input a model takes: its position table (RoPE families have none), capped by
-    the tokenizer's `model_max_length` (RoBERTa's table has 2 offset slots). None: no limit."""
-    limits = [] if spec_for_model_type(config.model_type).rope else [getattr(config, "max_position_embeddings", None)]
-    limits.append(getattr(tokenizer, "model_max_length", None))
-    limits = [n for n in limits if isinstance(n, int) and 0 < n < 10**6]
-    return min(limits) if limits else None
-
-
 def load_classifier(location: str, num_labels: int, regression: bool = False, pooling: str = "cls") -> nn.Module:
     """A sequence-classification model with a fresh head of `num_labels` outputs.
 
@@ -111,6 +103,7 @@ def load_classifier(location: str, num_labels: int, regression: bool = False, po
     trained with (mean for sentence-transformers folders such as the default MiniLM).
     """
     config = load_config(location)
+    check_head(config, num_labels, location)
     config.num_labels = num_labels
     config.problem_type = "regression" if regression else "single_label_classification"
     # fp32 master weights whatever the file stores (fp16 copies, GGUF): autocast handles bf16 on GPU

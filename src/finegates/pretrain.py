@@ -322,8 +322,17 @@ def config_from_run(run_dir) -> PretrainConfig:
 
 
 # ---- training ---------------------------------------------------------------------------------------
-def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
-    """Train from scratch, validate every `eval_every` steps, test at the end, write RUN_DIR."""
+def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False) -> dict:
+    """Train from scratch, validate every `eval_every` steps, test at the end, write RUN_DIR (new,
+    empty or resumed; `overwrite=True` replaces an earlier run once the new one is complete)."""
+    from .outputs import PRETRAIN_RUN, output_folder
+
+    inputs = (cfg.model_config, *cfg.text_files, cfg.valid_text_file, cfg.test_text_file, cfg.tokenizer)
+    with output_folder(cfg.out, PRETRAIN_RUN, inputs=inputs, resume=resume, overwrite=overwrite) as folder:
+        return _pretrain(replace(cfg, out=folder), resume, cfg.out)
+
+
+def _pretrain(cfg: PretrainConfig, resume: bool, target: Path) -> dict:
     from transformers import AutoTokenizer
 
     from .train import _versions, peak_memory_mb, pick_device
@@ -369,7 +378,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     else:
         write_json(out / "config.json", {
             "format_version": FORMAT_VERSION, "objective": "lm", "task": "lm",
-            "train": {**asdict(cfg), "method": f"pretrain-{cfg.mode}", "eval_text_file": cfg.valid_text_file},
+            "train": {**asdict(cfg), "out": str(target), "method": f"pretrain-{cfg.mode}",
+                      "eval_text_file": cfg.valid_text_file},
             "model_location": "model", "method_config": method_config,  # relative: the run's own folder
             "model_config": config.to_dict(), "train_tokens": int(blocks_.numel()), "versions": _versions(),
         })

@@ -22,7 +22,7 @@ import resource
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +34,13 @@ from .checkpoint import (
     CHECKPOINT, FORMAT_VERSION, RunError, model_fingerprint, nonfinite, read_checkpoint, restore_checkpoint,
     save_checkpoint, save_trainable, truncate_log,
 )
-from .distributed import Processes, all_finite, barrier, broadcast, local_slice, processes, wrap
+from .distributed import Processes, all_finite, barrier, broadcast, gather, local_slice, processes, wrap
 from .files import append_jsonl, write_json
 from .methods import Method, get_method
 from .model import count_params, count_trainable, gate_trace
-from .models import load_classifier, load_config, load_tokenizer, max_tokens, resolve
+from .fits import check_token_types, max_tokens
+from .models import load_classifier, load_config, load_tokenizer, resolve
+from .outputs import TRAIN_RUN, output_folder
 from .pooling import POOLINGS
 from .progress import Progress
 from .recipes import DEFAULT_RECIPE
@@ -256,12 +258,22 @@ WARM_STEPS = 3  # `steady_seconds_per_step` leaves out each process's first step
 MAX_NONFINITE_IN_A_ROW = 10  # with skip_nonfinite: more than this means the run has diverged
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> dict:
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """Train, evaluate each epoch, write the run directory; return the final metrics.
 
     `resume=True` goes on from RUN_DIR/checkpoint (checkpoint.py); on CPU the result is
     bit-identical to an uninterrupted run. Without a checkpoint it starts from step 0.
+    The run directory must be new, empty, or this run resumed; `overwrite=True` replaces an
+    earlier run there once the new one is complete (outputs.py: the rule every command follows).
     """
+    procs = processes(cpu=cfg.device == "cpu")
+    inputs = (cfg.model, cfg.data_dir, cfg.train_file, cfg.eval_file, cfg.teacher)
+    with output_folder(cfg.out, TRAIN_RUN, inputs=inputs, resume=resume, overwrite=overwrite, procs=procs) as folder:
+        return _train(replace(cfg, out=folder), resume, cfg.out)
+
+
+def _train(cfg: TrainConfig, resume: bool, target: Path) -> dict:
+    """`train` writing into `cfg.out` (the run directory, or a staging folder that becomes `target`)."""
     if resume and (cfg.out / "metrics.json").is_file():
         return json.loads((cfg.out / "metrics.json").read_text(encoding="utf-8"))  # already complete
     seed_everything(cfg.seed)
@@ -276,10 +288,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     tokenizer = load_tokenizer(location)
     model = load_classifier(location, spec.num_labels, spec.regression, cfg.pooling)
     fingerprint = model_fingerprint(model)
-    limit = max_tokens(model.config, tokenizer)  # longer inputs would overflow the position table
+    limit = max_tokens(model, tokenizer)  # longer inputs would overflow the position table
     max_length = min(cfg.max_length, limit) if limit else cfg.max_length
     train_data = Encoded(train_ex, tokenizer, max_length, spec.regression)
     evals = {k: Encoded(v, tokenizer, max_length, spec.regression) for k, v in eval_ex.items()}
+    check_token_types(model, (f for d in (train_data, *evals.values()) for f in d.features), location)
 
     data_fp = _data_fingerprint(train_ex)
     teacher = _teacher(cfg, train_data, data_fp, spec, device)  # every process: each looks up its own slice
@@ -305,7 +318,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             raise RunError(f"{cfg.out / CHECKPOINT}: the training data changed since this checkpoint was written")
     _start_run_dir(cfg, ckpt, procs, {
         "format_version": FORMAT_VERSION,
-        "train": asdict(cfg), "model_location": location, "task": spec.name, "labels": spec.labels,
+        "train": {**asdict(cfg), "out": str(target)}, "model_location": location, "task": spec.name,
+        "labels": spec.labels,
         "metrics": spec.metrics, "num_labels": spec.num_labels, "regression": spec.regression,
         "method_config": method.config(), "versions": _versions(),
         "fingerprint": fingerprint,
@@ -395,7 +409,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         "trainable_params": trainable_params, "total_params": dense_params,
         "train_seconds": t_train, "seconds_per_step": t_train / max(step, 1),
         "steady_seconds_per_step": (t_train - warm[1]) / (step - warm[0]) if warm and step > warm[0] else None,
-        "peak_memory_mb": peak if peak is not None else peak_memory_mb(device), "device": str(device), "skipped_nonfinite": skipped,
+        "peak_memory_mb": peak if peak is not None else peak_memory_mb(device),
+        "peak_memory_mb_per_process": gather(peak if peak is not None else peak_memory_mb(device), procs),
+        "device": str(device), "skipped_nonfinite": skipped,
         "resumed_from_step": ckpt["step"] if ckpt is not None else None,
         "processes": procs.world, "samples_per_second": step * cfg.batch_size / max(t_train, 1e-9),
         **method.summary(model), "complete": True,
