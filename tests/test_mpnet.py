@@ -117,7 +117,7 @@ def test_compress_refuses_a_model_it_cannot_reproduce(mpnet_run, tmp_path, monke
 def test_compress_will_not_overwrite_a_foreign_folder(mpnet_run, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     r = CliRunner().invoke(app, ["compress", str(mpnet_run), "--out", str(tmp_path)])
-    assert r.exit_code == 2 and "not a compressed model folder" in r.output
+    assert r.exit_code == 2 and "holds no finegates compressed model" in r.output
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
