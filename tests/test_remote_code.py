@@ -103,6 +103,9 @@ def test_shipped_code_is_cut_from_finegates_source():
     assert inspect.getsource(compact.CompactAttention) in source
     assert "finegates" not in "\n".join(line for line in source.splitlines() if "import" in line)
     assert "def compress_run" not in source  # only what the rebuild reaches
+    # a root its module re-exports ships from where it is defined (what compress.build_block becomes
+    # once the rebuild code lives in its own module)
+    assert "# ---- from finegates.arch" in modeling_source("BertModel", roots=("finegates.compress:spec_for",))
 
 
 def test_code_that_cannot_travel_is_refused():

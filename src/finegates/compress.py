@@ -32,7 +32,6 @@ from .coupling import DELETABLE_SIDE, BlockLayout, keep, kept_params
 from .files import atomic_write, save_tensors, write_json
 from .gates import GatedLinear
 from .pooling import restore_pooling
-from .remote_code import add_remote_code
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -318,8 +317,8 @@ def save_compressed(model: nn.Module, tokenizer, out_dir, report: dict | None = 
                     atomic_write(out / f.name, lambda t, src=f: os.replace(src, t))
     if report is not None:
         write_json(out / REPORT, report)
-    config = {**model.config.to_dict(), "finegates": fg}
-    write_json(out / "config.json", add_remote_code(out, config))  # + modeling file: loads with plain transformers
+    from .remote_code import add_remote_code  # + modeling_finegates.py: plain transformers loads the folder
+    write_json(out / "config.json", add_remote_code(out, {**model.config.to_dict(), "finegates": fg}))
     return out
 
 

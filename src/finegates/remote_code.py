@@ -26,6 +26,7 @@ from pathlib import Path
 
 MODELING_FILE = "modeling_finegates.py"
 # What rebuilds a compressed model from config.json (compress.load's steps before the weights load).
+# A root re-exported by its module (`from .rebuild import build_block`) ships from where it is defined.
 ROOTS = ("finegates.arch:spec_for", "finegates.arch:blocks", "finegates.compress:build_block",
          "finegates.pooling:restore_pooling")
 _ALLOWED_IMPORTS = frozenset(sys.stdlib_module_names) | {"torch", "transformers"}  # what a transformers user has
@@ -120,6 +121,9 @@ def modeling_source(stock_class: str, roots: tuple[str, ...] = ROOTS) -> str:
         if module not in modules:
             modules[module] = _Module(module)
         mod = modules[module]
+        src, attr = mod.imports.get(name, ("", None))
+        if name not in mod.defs and src.startswith("finegates") and attr == name:
+            return visit(src, attr)  # a root re-exported from another module: ship its definition
         if owner.get(name) == module:
             return
         if name in owner:
