@@ -120,7 +120,7 @@ def main() -> None:
         "benchmark": "int8 after compression", "commit": git_commit(), "machine": machine_info(),
         "command": " ".join(["python", "benchmarks/int8.py", *sys.argv[1:]]),
         "run": str(args.run), "train": {k: run_cfg["train"].get(k) for k in ("epochs", "max_length", "batch_size",
-                                                                              "recipe", "sparsity", "head_lr", "weight_lr")},
+                                                                              "recipe", "sparsity", "head_lr", "recipe_options")},
         "score": f"dev {dev['dense-fp32-torch']['metric']} mean x 100, all dev examples",
         "settings": {"threads": args.threads, "batch": 8, "seq": 128, "runs_per_repeat": args.runs,
                      "repeats": args.repeats, "warmup": 5, "timing": "one process, models in alternating blocks"},
