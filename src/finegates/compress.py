@@ -278,9 +278,8 @@ def _write_compressed(model: nn.Module, tokenizer, out: Path, report: dict | Non
                     atomic_write(out / f.name, lambda t, src=f: os.replace(src, t))
     if report is not None:
         write_json(out / REPORT, report)
-    config = model.config.to_dict()
-    config["finegates"] = fg
-    write_json(out / "config.json", config)
+    from .remote_code import add_remote_code  # + modeling_finegates.py: plain transformers loads the folder
+    write_json(out / "config.json", add_remote_code(out, {**model.config.to_dict(), "finegates": fg}))
 
 
 def load(model_dir) -> nn.Module:
