@@ -77,3 +77,12 @@ def test_frozen_run_reaches_target_compresses_exactly_and_reloads(tmp_path):
     assert abs(result["removable_fraction"] - 0.4) < 0.05
     report = compress_run(tmp_path / "run", tmp_path / "small")  # rebuilds the gated model from the run (adapter too)
     assert report["max_abs_diff"] <= 1e-5 and report["layer_params_removed_fraction"] > 0.35
+
+
+def test_counts_leave_out_the_update_as_they_leave_out_the_gates():
+    from finegates.compress import count_params as deployed
+    from finegates.model import count_params
+
+    dense = count_params(tiny("bert"))
+    model = apply_gates(tiny("bert"), GateConfig(param=PARAM, adapter_rank=3))
+    assert count_params(model) == deployed(model) == dense

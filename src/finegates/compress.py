@@ -34,7 +34,7 @@ from .arch import ArchSpec, blocks, get_submodule, spec_for
 from .compact import AttnLayout
 from .coupling import DELETABLE_SIDE, BlockLayout, keep, kept_params
 from .files import atomic_write, save_tensors, write_json
-from .gates import GatedLinear
+from .gates import TRAINING_ONLY, GatedLinear
 from .outputs import COMPRESSED, check_output, output_folder
 from .pooling import restore_pooling
 from .rebuild import FORMAT_VERSION, CompressedModelError, attention_module, build_block, rebuild, set_module
@@ -220,7 +220,8 @@ def compress(model: nn.Module) -> nn.Module:
 
 # ---- counting ---------------------------------------------------------------------------------
 def count_params(module: nn.Module) -> int:
-    return sum(p.numel() for n, p in module.named_parameters() if not n.endswith("theta"))
+    """Parameters as deployed: without the training-only gates and low-rank updates."""
+    return sum(p.numel() for n, p in module.named_parameters() if not n.endswith(TRAINING_ONLY))
 
 
 def layer_params(model: nn.Module) -> int:

@@ -27,6 +27,9 @@ import torch.nn.functional as F
 from .gated_linear import gated_linear
 
 OFFSET = 0.5  # the +0.5 shift of both the paper's code and STG
+# parameter names that exist only while training (gates, the low-rank update merged before
+# compression): a deployed model holds none of them, so no parameter count includes them
+TRAINING_ONLY = ("theta", "lora_A", "lora_B")
 CLOSED_THETA = -10.0  # a theta whose gate is 0 for both mean functions, far from the clamp: stays closed
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from .arch import ArchSpec, blocks, get_submodule, spec_for
-from .gates import Gate, GatedLinear, GateParam
+from .gates import TRAINING_ONLY, Gate, GatedLinear, GateParam
 
 
 @dataclass
@@ -169,9 +169,8 @@ def count_trainable(model: nn.Module) -> int:
 
 
 def count_params(model: nn.Module) -> int:
-    """Parameters of the model as a user would deploy it (gates excluded)."""
-    gate_ids = {id(p) for p in gate_parameters(model)}
-    return sum(p.numel() for p in model.parameters() if id(p) not in gate_ids)
+    """Parameters of the model as a user would deploy it (gates and low-rank updates excluded)."""
+    return sum(p.numel() for n, p in model.named_parameters() if not n.endswith(TRAINING_ONLY))
 
 
 def gate_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
