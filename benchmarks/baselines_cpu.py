@@ -57,11 +57,11 @@ def bench_pst(out: Path) -> None:
 
 
 def _compress_and_time(run: Path) -> dict:
+    from benchmarks.runner import compress_into_run
     from finegates.bench.latency import BenchConfig, bench
-    from finegates.pipeline import compress_run
 
     small = run / "compressed"
-    report = compress_run(run, small, limit=None)
+    report = compress_into_run(run, limit=None)
     timing = bench(small, run, BenchConfig(**BENCH))
     return {"layer_params_removed": report["layer_params_removed_fraction"], "max_abs_diff": report["max_abs_diff"],
             "latency_ratio": timing["latency_ratio"], "latency_ms_dense": timing["latency_ms_dense"],

@@ -1,6 +1,9 @@
-"""Exact compression of a gated MiniLM-L6 (MRPC) and its CPU speed-up, in one command.
+"""Exact compression of a gated encoder (MiniLM-L6 on MRPC, MPNet-base on RTE, ...) and its CPU
+speed-up, in one command.
 
     .venv/bin/python benchmarks/compress_minilm.py --run RUN_DIR                # the run's trained gates
+    .venv/bin/python benchmarks/compress_minilm.py --run RUN_DIR --name compress_mpnet_rte --threads 2 --runs 20
+      (any gates run on a GLUE task: the model and task are read from the run)
     .venv/bin/python benchmarks/compress_minilm.py --run RUN_DIR --hand 0.5     # gates set by hand
       (the recorded result: --run runs/compress-demo2 --hand 0.5, a 375-step MRPC run of the
        fast recipe that reached only 6% removed; see the .md)
@@ -139,8 +142,9 @@ def git_commit() -> str:
 def write_md(result: dict, path: Path) -> None:
     b, c, d = result["bench"], result["compress"], result["dev_check"]
     p = b["params"]
+    model = Path(c.get("model_location", "MiniLM-L6")).name
     lines = [
-        "# Compression of a gated MiniLM-L6 (MRPC), CPU",
+        f"# Compression of a gated {'MiniLM-L6' if 'minilm' in model.lower() else model} ({c.get('task') or 'MRPC'}), CPU",
         "",
         f"Source: `{result['run_dir']}`" + (" (gates set by hand, see HAND_GATES.txt)" if result["hand"] else " (trained gates)"),
         f"Commit `{result['git_commit']}`, {result['date']}. Machine: {b['machine']['cpu']}, {b['machine']['cpus']} CPUs, "

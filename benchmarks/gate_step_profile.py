@@ -23,7 +23,7 @@ from benchmarks.runner import quiet
 
 
 def profile(method_name: str, model_location: str, batch: int, seq: int, steps: int) -> dict:
-    from finegates.training.methods import get_method
+    from finegates.training.methods.registry import get_method
     from finegates.loaders import load_classifier
     from finegates.training.config import TrainConfig
 

@@ -113,9 +113,9 @@ def select(rows: list[dict]) -> list[dict]:
 def measure(rows: list[dict], threads: int, runs: int) -> None:
     """Compress every structured run (all seeds: removed fraction, exactness) and time seed 0 of
     each method and task against the dense model on the CPU. Results are cached in the run dir."""
+    from benchmarks.runner import compress_into_run
     from finegates.bench.latency import BenchConfig, bench
     from finegates.compression.saved import REPORT, WEIGHTS
-    from finegates.pipeline import compress_run
     from finegates.data.files import write_json
 
     todo = [r for r in rows if r["structured"]]
@@ -126,7 +126,7 @@ def measure(rows: list[dict], threads: int, runs: int) -> None:
         if not report_file.is_file() and not (run_dir / "trainable.safetensors").is_file():
             print(f"{r['method']} {r['task']} seed {r['seed']}: neither compressed nor brought back: not compressed")
             continue
-        report = json.loads(report_file.read_text()) if report_file.is_file() else compress_run(run_dir, out, limit=64)
+        report = json.loads(report_file.read_text()) if report_file.is_file() else compress_into_run(run_dir, limit=64)
         r.update(layer_params_removed_fraction=report["layer_params_removed_fraction"],
                  params_removed_fraction=report["removed_fraction"], max_abs_diff=report["max_abs_diff"])
         if r["seed"] != min(x["seed"] for x in todo if (x["method"], x["task"]) == (r["method"], r["task"])):

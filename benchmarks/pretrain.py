@@ -58,7 +58,8 @@ def run_one(cfg_json: str) -> None:
     from finegates.training.pretrain import PretrainConfig, pretrain
 
     cfg = PretrainConfig(**json.loads(cfg_json))
-    pretrain(cfg, resume=(cfg.out / "checkpoint" / "state.pt").is_file())
+    resume = (cfg.out / "checkpoint" / "state.pt").is_file()
+    pretrain(cfg, resume=resume, overwrite=not resume)  # a run killed before its first checkpoint starts again
 
 
 def _launch(jobs: dict[str, dict], log_dir: Path, kill_at: float) -> dict[str, int]:
@@ -102,7 +103,7 @@ def run(args) -> None:
     codes = _launch(jobs, out / "logs", t0 + args.deadline)
     phase1 = time.time() - t0
     print(f"[{phase1:.0f}s] dense and gated: exit codes {codes}", flush=True)
-    report = compress_run(out / "gated", out / "gated-compressed", limit=16)
+    report = compress_run(out / "gated", out / "gated-compressed", limit=16, overwrite=True)
     compressed = evaluate_path(out / "gated-compressed", files["test"], args.block_size, args.block_size // 2,
                                batch_size=64)
     print(f"[{time.time() - t0:.0f}s] compressed: {report['params_dense']:,} -> {report['params_compressed']:,} "
@@ -200,7 +201,7 @@ def report(args) -> None:
     for name in RUNS:
         relocate(root / name, data)
     test_file = data / "wiki.test.tokens"
-    cr = compress_run(root / "gated", root / "gated-compressed", limit=16)
+    cr = compress_run(root / "gated", root / "gated-compressed", limit=16, overwrite=True)
     torch.set_num_threads(args.threads)
     m = {n: json.loads((root / n / "metrics.json").read_text()) for n in RUNS}
     where = {"dense": root / "dense" / "model", "gated": root / "gated", "compressed": root / "gated-compressed",

@@ -44,17 +44,31 @@ def run_one(cfg_json: str) -> None:
     from finegates.training.config import TrainConfig
     from finegates.training.classify import train
 
+    from finegates.training.checkpoint import is_run_dir
+
     job = json.loads(cfg_json)
     compress = job.pop("_compress", False)
     cfg = TrainConfig(**job)
     # a grid killed at its deadline goes on; a run killed after training (before compressing) is not redone
-    train(cfg, resume=(cfg.out / "checkpoint").is_dir() or (cfg.out / "metrics.json").is_file())
+    train(cfg, resume=is_run_dir(cfg.out))
     if compress:  # runs too large to bring back: check the compression here, keep only its report
         from finegates.compression.saved import WEIGHTS
-        from finegates.pipeline import compress_run
 
-        compress_run(cfg.out, cfg.out / "compressed", limit=64)  # writes compressed/REPORT
+        compress_into_run(cfg.out, limit=64)  # writes compressed/REPORT
         (cfg.out / "compressed" / WEIGHTS).unlink()
+
+
+def compress_into_run(run: Path, limit: int | None) -> dict:
+    """Compress a benchmark run into RUN/compressed, where the reports look for it. finegates never
+    writes inside its input, so the model is written beside the run and moved in: both folders are
+    the benchmark's own."""
+    from finegates.pipeline import compress_run
+    from finegates.data.outputs import replace_folder
+
+    beside = run.parent / f".{run.name}.compressed"
+    report = compress_run(run, beside, limit, overwrite=True)
+    replace_folder(beside, run / "compressed")
+    return report
 
 
 def _finished(job: dict) -> bool:

@@ -251,7 +251,7 @@ def _calibrate(job: dict, cfg, blocks_) -> float:
 
     from finegates.training.runtime import autocast as _autocast
     from finegates.loaders import load_causal_lm
-    from finegates.training.methods import get_method
+    from finegates.training.methods.registry import get_method
     from finegates.training.runtime import pick_device
 
     device = pick_device(cfg.device)
@@ -316,7 +316,7 @@ def cmd_worker(job_json: str) -> None:
     left = job["train_end"] - time.time() - 15  # model load + tokenization in train_lm
     steps = max(job["min_steps"], min(job["max_steps"], int(left / (t_step * 1.1))))
     log(f"{job['name']}: {t_step * 1e3:.0f} ms/step measured; {left:.0f}s left -> {steps} steps")
-    metrics = train_lm(config(steps))
+    metrics = train_lm(config(steps), overwrite=True)  # the job's own run folder: a re-run replaces it
     log(f"{job['name']}: trained, perplexity {metrics['perplexity']:.4f}, removed {metrics['removable_fraction']:.3f}")
 
     # rebuild from the run directory (what `report` does), compress, measure again

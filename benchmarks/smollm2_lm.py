@@ -41,6 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script (`python3 benchmarks/smollm2_lm.py`): make `benchmarks` importable
     sys.path.insert(0, str(ROOT))
+from benchmarks.device_pack import join_parts, tree_bytes  # noqa: E402
 from benchmarks.runner import job_env  # noqa: E402
 
 PACK1, PACK2 = ROOT / ".smol1", ROOT / ".smol2"
@@ -101,9 +102,7 @@ def cmd_pack(args) -> None:
     ignored = _sh(["git", "check-ignore", str(PACK1), str(PACK2)]).split()
     if len(ignored) != 2:
         sys.exit(f"error: {PACK1.name}/ and {PACK2.name}/ must be git-ignored (.gitignore)")
-    tree = sum((ROOT / f).stat().st_size for f in _sh(["git", "ls-files"]).splitlines() if (ROOT / f).is_file())
-    tree += sum((ROOT / f).stat().st_size for f in _sh(["git", "ls-files", "--others", "--exclude-standard"]).splitlines()
-                if (ROOT / f).is_file())
+    tree = tree_bytes()
     for d in (PACK1, PACK2):
         size = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
         total = size + tree
@@ -130,20 +129,8 @@ def _install_gguf(site: Path) -> None:
 
 
 def _assemble(work: Path) -> Path:
-    from finegates.prepare import sha256
-
     manifest = json.loads((PACK2 / "manifest.json").read_text())
-    parts = [PACK1 / "gguf.part1", PACK2 / "gguf.part2"]
-    missing = [str(p) for p in parts if not p.is_file()]
-    if missing:
-        raise SystemExit(f"missing {missing}: call 1 must carry .smol1 and call 2 .smol2 on the same warm machine")
-    out = work / manifest["gguf_name"]
-    with open(out, "wb") as f:
-        f.writelines(p.read_bytes() for p in parts)
-    got = sha256(out)
-    if got != manifest["gguf_sha256"]:
-        raise SystemExit(f"reassembled GGUF sha256 {got} != {manifest['gguf_sha256']} (a part is stale or cut)")
-    return out
+    return join_parts([PACK1 / "gguf.part1", PACK2 / "gguf.part2"], work / manifest["gguf_name"], manifest["gguf_sha256"])
 
 
 def _convert(gguf: Path, cache: Path) -> Path:

@@ -9,17 +9,20 @@ from pathlib import Path
 WORDS = "good bad fine awful great poor nice terrible lovely dull".split()
 
 
-def make_tiny_bert(folder: Path, seed: int = 0) -> Path:
-    """A 2-layer, 32-wide random BERT saved as an HF folder, with MiniLM's tokenizer."""
+def make_tiny_bert(folder: Path, seed: int = 0, model_class: str = "BertModel", **config) -> Path:
+    """A 2-layer, 32-wide random BERT saved as an HF folder, with MiniLM's tokenizer. `config`
+    overrides BertConfig fields; `model_class` saves e.g. a RobertaModel or a model with a task head."""
     import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    import transformers
+    from transformers import AutoTokenizer
 
     from finegates.loaders import default_model_path
 
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128)
-    BertModel(cfg).save_pretrained(folder)
+    cls = getattr(transformers, model_class)
+    cfg = cls.config_class(**{**dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=128), **config})
+    cls(cfg).save_pretrained(folder)
     AutoTokenizer.from_pretrained(default_model_path()).save_pretrained(folder)
     return Path(folder)
 

@@ -289,12 +289,13 @@ def test_cli_refuses_bad_options(tmp_path, task, tiny, name):
 
 
 def test_cli_refuses_missing_data(tmp_path, task, tiny):
-    out = tmp_path / "run"
+    out, empty = tmp_path / "run", tmp_path / "empty"  # not inside a data folder: that is refused first
+    empty.mkdir()
     base = ["train", "--out", out, "--model", tiny, "--no-progress"]
     cases = [
         (["--task", "sst2", "--data-dir", tmp_path / "nope"], "data directory not found"),
-        (["--task", "sst2", "--data-dir", tmp_path], "data file not found"),
-        (["--task", "glue9", "--data-dir", tmp_path], "unknown task 'glue9'"),
+        (["--task", "sst2", "--data-dir", empty], "data file not found"),
+        (["--task", "glue9", "--data-dir", empty], "unknown task 'glue9'"),
         (["--task", "sst2"], "--task sst2 needs --data-dir"),
         ([], "give --task with --data-dir, or --train-file"),
         (["--train-file", tmp_path / "none.csv", "--eval-file", task[1], "--text-columns", "text"],
@@ -358,7 +359,7 @@ def test_cli_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, task, t
     # with --skip-nonfinite the same run skips those batches, counts them, and completes
     monkeypatch.setattr(GatesMethod, "extra_loss",
                         lambda self, m, step, b, o: (poisoned(self, m, step, b, o) if step in (5, 6) else real(self, m, step, b, o)))
-    result = run_cli(own(task, tiny, out, "--epochs", "2", "--skip-nonfinite"))
+    result = run_cli(own(task, tiny, out, "--epochs", "2", "--skip-nonfinite", "--overwrite"))
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["complete"] is True and metrics["skipped_nonfinite"] == 2
@@ -366,10 +367,14 @@ def test_cli_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, task, t
     info = run_cli(["info", out])
     assert "complete: 12 steps" in info.output
 
-    # ... unless every batch is bad: then it stops, having written no NaN anywhere
+    # ... unless every batch is bad: then it stops, having written no NaN anywhere (and, being an
+    # --overwrite, having left the complete run it was to replace as it was)
     monkeypatch.setattr(GatesMethod, "extra_loss", poisoned)
-    result = run_cli(own(task, tiny, out, "--epochs", "3", "--skip-nonfinite"))
-    assert_refused(result, out, "10 non-finite batches in a row: training diverged", code=3, trainable_ok=True)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    result = run_cli(own(task, tiny, out, "--epochs", "3", "--skip-nonfinite", "--overwrite"))
+    assert_refused(result, tmp_path / f".{out.name}.partial", "10 non-finite batches in a row: training diverged",
+                   code=3)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_cli_resume_refuses_bad_run_dirs(tmp_path, task, tiny):

@@ -1,4 +1,4 @@
-"""The seed papers' baselines (finegates.baselines) and SquareHead (finegates.distill).
+"""The seed papers' baselines (finegates.training.methods) and SquareHead (finegates.training.distill).
 
 Tiny random BERT (and Llama for the RoPE/GQA structure) models with the real MiniLM tokenizer;
 each method: exactly the right tensors train, schedules reach their targets, what is saved
@@ -23,7 +23,7 @@ from finegates.training.methods.magnitude import prune_structured
 from finegates.training.methods.gmp import GMPMethod
 from finegates.training.methods.lora import LoraOptions
 from finegates.training.distill import SquareHead, squarehead_loss
-from finegates.training.methods import get_method
+from finegates.training.methods.registry import get_method
 from finegates.core.model import GateConfig, apply_gates, gate_parameters
 from finegates.loaders import default_model_path
 from finegates.training.regularizer import RegConfig, Regularizer
@@ -324,7 +324,7 @@ def test_magnitude_run_is_a_gated_run(tiny):
 
 def test_magnitude_run_compresses_exactly(tiny, tmp_path):
     """compress (written for gates runs) takes a magnitude run unchanged and removes what it claims."""
-    compress_run = pytest.importorskip("finegates.compress").compress_run
+    compress_run = pytest.importorskip("finegates.pipeline").compress_run
     run = tmp_path / "mag"
     result = train(cfg_for(tiny, "magnitude", out=run, max_steps=2, sparsity=0.4))
     report = compress_run(run, tmp_path / "small", 16)
@@ -369,7 +369,7 @@ def test_gates_distill_uses_the_dense_teacher(tiny):
 @pytest.mark.parametrize("method", ("gates",) + BASELINES)
 def test_train_end_to_end_writes_metrics(tiny, method):
     kw = {"distill": "squarehead"} if method == "gates" else {}
-    result = train(cfg_for(tiny, method, max_steps=3, **kw))
+    result = train(cfg_for(tiny, method, max_steps=3, **kw), overwrite=True)  # an earlier test's run may be there
     run = tiny["root"] / f"run-{method}"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["complete"] and metrics["method"] == method and metrics["steps"] == 3
@@ -402,9 +402,9 @@ def test_cli_train_with_opt(tiny, tmp_path):
     assert res.exit_code == 0, res.output
     mc = json.loads((tmp_path / "run" / "config.json").read_text())["method_config"]
     assert mc["options"]["r"] == 2 and any(t.endswith("attention.self.key") for t in mc["target_modules"])
-    bad = CliRunner().invoke(app, common + ["--opt", "rank=2"])
+    bad = CliRunner().invoke(app, common + ["--opt", "rank=2", "--overwrite"])
     assert bad.exit_code == 2 and "has no option 'rank'" in bad.output
-    bad = CliRunner().invoke(app, common + ["--opt", "r"])
+    bad = CliRunner().invoke(app, common + ["--opt", "r", "--overwrite"])
     assert bad.exit_code == 2 and "expected KEY=VALUE" in bad.output
 
 

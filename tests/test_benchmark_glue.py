@@ -97,13 +97,14 @@ def test_a_run_killed_between_training_and_compressing_is_compressed_not_retrain
 
     out = tmp_path / "run"
     out.mkdir()
+    (out / "config.json").write_text('{"train": {"method": "gates"}}')
     (out / "metrics.json").write_text("{}")
     job = {"out": str(out), "task": "mrpc", "data_dir": str(tmp_path), "_compress": True}
     assert not _finished(job) and _finished({k: v for k, v in job.items() if k != "_compress"})
     calls = []
     monkeypatch.setattr(finegates.training.classify, "train", lambda cfg, resume: calls.append(("train", resume)))
 
-    def compress(run, dest, limit):
+    def compress(run, dest, limit, overwrite):  # finegates refuses dest inside run: the runner moves it in
         calls.append(("compress", Path(dest)))
         dest.mkdir()
         (dest / finegates.compression.WEIGHTS).write_bytes(b"")
@@ -111,5 +112,5 @@ def test_a_run_killed_between_training_and_compressing_is_compressed_not_retrain
 
     monkeypatch.setattr(finegates.pipeline, "compress_run", compress)
     run_one(json.dumps(job))
-    assert calls == [("train", True), ("compress", out / "compressed")]  # resume=True: a complete run returns as is
+    assert calls == [("train", True), ("compress", tmp_path / ".run.compressed")]  # resume: a complete run returns as is
     assert _finished(job) and not (out / "compressed" / finegates.compression.WEIGHTS).exists()

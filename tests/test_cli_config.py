@@ -8,7 +8,7 @@ from dataclasses import MISSING, fields
 import pytest
 import typer
 
-from finegates.bench import BenchConfig
+from finegates.bench.latency import BenchConfig
 from finegates.cli import app
 from finegates.training.config import LMConfig, RunConfig, TrainConfig
 from finegates.training.pretrain import PretrainConfig
@@ -17,8 +17,8 @@ COMMANDS = {c.name: c for c in typer.main.get_command(app).commands.values()}
 
 # options that are not one field: translated by the command (cli/train.py, cli/commands.py)
 TRANSLATED = {
-    "train": {"resume", "opt", "prune_units", "weight_lr", "objective"},
-    "pretrain": {"resume", "config"},
+    "train": {"resume", "overwrite", "opt", "prune_units", "weight_lr", "objective", "text_column"},
+    "pretrain": {"resume", "overwrite", "config"},
     "bench": {"model_dir", "against", "json_out"},
 }
 # defaults the command decides per objective (None on the command line): recipe, sparsity, model

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import finegates
-from finegates.compression.saved import CompressedModelError, save_compressed
+from finegates.compression.rebuild import CompressedModelError
+from finegates.compression.saved import save_compressed
 from finegates.compression.exact import _mlp_fold, compress, linear_params, predicted_kept
 from finegates.core.model import count_params
 

@@ -41,14 +41,20 @@ def test_compress_export_bench_from_a_run(tmp_path):
     assert report["layer_linear_params_compressed"] == report["coupling_predicted_linear_params"]
     assert report["params_compressed"] < report["params_dense"]
     assert 0 < report["layer_params_removed_fraction"] < 1
-    assert finegates.load(model_dir).config.finegates["format_version"] == 1
+    assert finegates.load(model_dir).config.finegates["format_version"] == 2
 
     out = _cli("export", model_dir, "--onnx", tmp_path / "small.onnx").output
     assert float(out.rsplit("ONNX Runtime:", 1)[1].strip()) <= 1e-4
 
-    _cli("bench", model_dir, "--runs", "2", "--warmup", "0", "--batch", "2", "--seq", "16", "--no-memory",
+    out = _cli("export", model_dir, "--onnx", tmp_path / "small-int8.onnx", "--int8").output
+    assert 0 < float(out.rsplit("):", 1)[1].strip()) <= 0.1
+    assert (tmp_path / "small-int8.onnx").stat().st_size < (tmp_path / "small.onnx").stat().st_size
+
+    _cli("bench", model_dir, "--runs", "2", "--warmup", "0", "--batch", "2", "--seq", "16", "--no-memory", "--int8",
          "--json", tmp_path / "bench.json")
     bench = json.loads((tmp_path / "bench.json").read_text())
-    for key in ("latency_ms_dense", "latency_ms_compressed", "latency_ratio", "settings", "params"):
+    for key in ("latency_ms_dense", "latency_ms_compressed", "latency_ratio", "settings", "params",
+                "ort_latency_ms_compressed", "ort_int8_latency_ms_compressed", "ort_int8_latency_ms_dense"):
         assert key in bench
+    assert bench["onnx_mb"]["compressed-int8"] < bench["onnx_mb"]["compressed"]
     assert bench["params"]["compressed"]["params"] == report["params_compressed"]

@@ -18,21 +18,31 @@ from run_helpers import write_task
 TWO_PROCESSES = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
 
 
-@pytest.fixture(scope="module")
-def no_dropout_bert(tmp_path_factory) -> Path:
-    """A tiny BERT without dropout: the only randomness left is shared by every rank (gate noise)."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
+def no_dropout_model(folder: Path, model_type: str = "bert") -> Path:
+    """A tiny random model of `model_type` without dropout: the only randomness left is shared by
+    every rank (gate noise). MPNet and RoBERTa number positions after the padding index: an
+    architecture unlike BERT's in more than its name."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+    from finegates.core.arch import UnsupportedModelError, spec_for_model_type
     from finegates.loaders import default_model_path
 
-    folder = tmp_path_factory.mktemp("bert")
+    try:
+        spec_for_model_type(model_type)
+    except UnsupportedModelError:
+        pytest.skip(f"{model_type}: finegates has no ArchSpec row for it in this checkout")
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128,
-                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
-    BertModel(cfg).save_pretrained(folder)
+    cfg = AutoConfig.for_model(model_type, vocab_size=30527, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
+                               attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
+    AutoModel.from_config(cfg).save_pretrained(folder)
     AutoTokenizer.from_pretrained(default_model_path()).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def no_dropout_bert(tmp_path_factory) -> Path:
+    return no_dropout_model(tmp_path_factory.mktemp("bert"))
 
 
 def _train(args: list[str], out: Path, launcher: list[str]) -> dict:
@@ -43,14 +53,16 @@ def _train(args: list[str], out: Path, launcher: list[str]) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
-def test_two_processes_train_what_one_trains(no_dropout_bert, tmp_path):
+@pytest.mark.parametrize("model_type", ["bert", "mpnet"])  # mpnet: the base-size model's architecture (issue 24)
+def test_two_processes_train_what_one_trains(model_type, tmp_path):
+    model = no_dropout_model(tmp_path / model_type, model_type)
     train_csv, dev_csv = write_task(tmp_path / "data", n_train=64, n_eval=24)
-    args = ["--model", str(no_dropout_bert), "--train-file", str(train_csv), "--eval-file", str(dev_csv),
+    args = ["--model", str(model), "--train-file", str(train_csv), "--eval-file", str(dev_csv),
             "--text-columns", "text", "--epochs", "2", "--batch-size", "8", "--lr", "0.05", "--sparsity", "0.3",
             "--pooling", "cls", "--checkpoint-every", "3"]
     one = _train(args, tmp_path / "one", [sys.executable])
     two = _train(args, tmp_path / "two", TWO_PROCESSES)
-    assert two["processes"] == 2 and one["processes"] == 1
+    assert two["processes"] == 2 and one["processes"] == 1 and len(two["peak_memory_mb_per_process"]) == 2
     assert two["steps"] == one["steps"] == 16
     a, b = load_file(str(tmp_path / "one" / "trainable.safetensors")), load_file(str(tmp_path / "two" / "trainable.safetensors"))
     assert a.keys() == b.keys()

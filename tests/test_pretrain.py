@@ -197,3 +197,17 @@ def test_cli_pretrain_runs_and_resume_refuses_other_runs(data, tmp_path):
     (tmp_path / "lm" / "config.json").write_text(json.dumps({"train": {"method": "gates"}, "objective": "lm"}))
     r = runner.invoke(app, ["pretrain", "--resume", str(tmp_path / "lm")])
     assert r.exit_code == 2 and "not a pretraining run" in r.output
+
+
+def test_pretrain_writes_only_a_new_folder_or_its_own_run(data, tmp_path):
+    """outputs.py's rule, before any tokenizer is trained: a folder of the user's is never written."""
+    from finegates.data.outputs import OutputError
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my own notes")
+    with pytest.raises(OutputError, match="is not empty and holds no finegates pretrain run"):
+        P.pretrain(config(data, mine), overwrite=True)
+    assert [(p.name, p.read_text()) for p in mine.iterdir()] == [("notes.txt", "my own notes")]
+    with pytest.raises(OutputError, match="is the input"):
+        P.pretrain(config(data, data["config"]))

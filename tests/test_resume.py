@@ -24,7 +24,8 @@ from finegates.training.checkpoint import RunError
 from finegates.cli import app
 from run_helpers import make_tiny_bert, write_task
 
-TIMING = ("train_seconds", "seconds_per_step", "samples_per_second", "peak_memory_mb", "resumed_from_step")
+TIMING = ("train_seconds", "seconds_per_step", "steady_seconds_per_step", "samples_per_second", "peak_memory_mb",
+          "peak_memory_mb_per_process", "resumed_from_step")
 
 
 def _train(out: Path, model: Path, task: tuple[Path, Path], *extra: str) -> subprocess.Popen:
@@ -133,7 +134,7 @@ class _Cut(Exception):
 
 
 def _methods() -> list[tuple[str, str | None]]:
-    from finegates.training.methods import METHODS, get_method
+    from finegates.training.methods.registry import METHODS, get_method
 
     get_method("gates")  # registers the baselines
     return sorted((m, None) for m in METHODS) + [("gates", "fast")]  # gates: default (finetune) and fast
@@ -143,7 +144,7 @@ def _methods() -> list[tuple[str, str | None]]:
 def test_every_method_resumes_bit_exactly(tiny_model, tmp_path, method, recipe, monkeypatch):
     """Each method's state (Taylor importances, GMP masks, PST sparsity...) must come back exactly."""
     from finegates.training.config import config_from_run
-    from finegates.training.methods import METHODS
+    from finegates.training.methods.registry import METHODS
     from finegates.training.config import TrainConfig
     from finegates.training.classify import train
 

@@ -2,6 +2,7 @@
 
     path = export_onnx(model, "model.onnx")          # inputs: the model's token inputs; output: logits
     diff = onnx_max_abs_diff(model, path, batch)     # PyTorch vs ONNX Runtime on real inputs
+    quantize_int8(path, "model-int8.onnx")           # dynamic int8 weights for CPU inference
 
 Batch and sequence axes are dynamic. `CompactAttention` exports as plain Gather/MatMul/SDPA ops,
 so a compressed model needs no custom operator.
@@ -68,6 +69,30 @@ def export_onnx(model: nn.Module, path, opset: int = 18) -> Path:
         program.save(tmp, external_data=False)
 
     return atomic_write(Path(path), write)
+
+
+def quantize_int8(src, dst) -> Path:
+    """Dynamic int8 quantization (ONNX Runtime) of an fp32 export, written atomically to `dst`.
+
+    Weights of MatMul/Gemm with a constant weight (every projection: a compressed model's padded
+    weights are folded to constants at export) become int8, one scale per output channel;
+    activations are quantized per batch at run time, so no calibration data is needed. Attention's
+    activation-by-activation MatMuls stay fp32 (`MatMulConstBOnly`). That is ONNX Runtime's
+    recommended mode for transformers on CPU; per-channel scales keep small models within a point.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    def write(tmp: str) -> None:
+        root = logging.getLogger()  # the quantizer logs per-node notes on the root logger
+        level = root.level
+        root.setLevel(logging.ERROR)
+        try:
+            quantize_dynamic(str(src), tmp, weight_type=QuantType.QInt8, per_channel=True,
+                             op_types_to_quantize=["MatMul", "Gemm"], extra_options={"MatMulConstBOnly": True})
+        finally:
+            root.setLevel(level)
+
+    return atomic_write(Path(dst), write)
 
 
 def ort_session(path, threads: int | None = None):

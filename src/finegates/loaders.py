@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 from .compression.saved import load as load_compressed
 from .core.arch import UnsupportedModelError, spec_for_model_type
+from .core.fits import check_head
 from .core.gates import GateParam
 from .core.model import GateConfig, apply_gates, merge_gates
 from .core.pooling import apply_pooling, resolve_pooling
@@ -109,15 +110,6 @@ def load_tokenizer(location: str):
     return tok
 
 
-def max_tokens(config, tokenizer) -> int | None:
-    """The longest input a model takes: its position table (RoPE families have none), capped by
-    the tokenizer's `model_max_length` (RoBERTa's table has 2 offset slots). None: no limit."""
-    limits = [] if spec_for_model_type(config.model_type).rope else [getattr(config, "max_position_embeddings", None)]
-    limits.append(getattr(tokenizer, "model_max_length", None))
-    limits = [n for n in limits if isinstance(n, int) and 0 < n < 10**6]
-    return min(limits) if limits else None
-
-
 def load_classifier(location: str, num_labels: int, regression: bool = False, pooling: str = "cls") -> nn.Module:
     """A sequence-classification model with a fresh head of `num_labels` outputs.
 
@@ -125,6 +117,7 @@ def load_classifier(location: str, num_labels: int, regression: bool = False, po
     trained with (mean for sentence-transformers folders such as the default MiniLM).
     """
     config = load_config(location)
+    check_head(config, num_labels, location)
     config.num_labels = num_labels
     config.problem_type = "regression" if regression else "single_label_classification"
     # fp32 master weights whatever the file stores (fp16 copies, GGUF): autocast handles bf16 on GPU
@@ -172,7 +165,7 @@ def gate_config(run: dict) -> GateConfig:
     known = {f.name for f in fields(GateConfig)}
     kwargs = {k: v for k, v in gate.items() if k in known}
     kwargs["param"] = GateParam(**gate.get("param", {}))
-    for key in ("roles", "target_modules", "layers"):
+    for key in ("roles", "target_modules", "layers", "adapter_roles"):
         if kwargs.get(key) is not None:
             kwargs[key] = tuple(kwargs[key])
     return GateConfig(**kwargs)

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from .compression.exact import FORMAT_VERSION, compress, layer_params, linear_params, predicted_kept
 from .compression.saved import layer_summary, save_compressed
+from .data.outputs import COMPRESSED, check_output
 from .core.model import count_params
 from .data.encoding import Encoded, load_task
 from .data.text import eval_ids, pack
@@ -76,11 +77,25 @@ def logits(model: nn.Module, batches: list[dict]) -> torch.Tensor:
     return torch.cat([model(**b).logits.float() for b in batches])
 
 
-def compress_run(run_dir, out_dir, limit: int = 64) -> dict:
+
+class CompressionMismatchError(ValueError):
+    """The compressed model does not reproduce the gated model: refused, nothing written."""
+
+
+
+def compress_run(run_dir, out_dir, limit: int = 64, tolerance: float = 1e-4, overwrite: bool = False) -> dict:
     """Rebuild a run's gated model, compress it, check it on `limit` eval examples, save it.
 
-    Returns the report (also written to OUT_DIR/compress_report.json, `REPORT`).
+    The save happens only when the compressed logits are within `tolerance` (max |diff|) of the
+    gated model's; otherwise `CompressionMismatchError` and no OUT_DIR. OUT_DIR must be new or
+    empty (or a compressed model, with `overwrite`), never the run or its model: checked first; the
+    folder is built beside it and renamed into place. Returns the report (also
+    OUT_DIR/compress_report.json, `REPORT`).
     """
+    run_cfg = read_run_config(Path(run_dir))
+    base = run_cfg.get("model_location")
+    check_output(out_dir, COMPRESSED, inputs=(run_dir, base if base and Path(base).is_absolute() else None),
+                 overwrite=overwrite)
     if folder_kind(run_dir) == "lm run":  # decoders: LM runs (training/lm.py, training/pretrain.py)
         gated, tokenizer, run = load_lm_run(run_dir)
         batches = lm_eval_batches(run_dir, tokenizer, limit)
@@ -92,6 +107,11 @@ def compress_run(run_dir, out_dir, limit: int = 64) -> dict:
     predicted = predicted_kept(gated)
     model = compress(gated)
     after = logits(model, batches)
+    diff = float((before - after).abs().max())
+    if not diff <= tolerance:  # also catches NaN
+        raise CompressionMismatchError(
+            f"compressed model differs from the gated one by max |logit diff| {diff:.2e} > tolerance {tolerance:.0e} "
+            f"on {before.shape[0]} eval examples; refusing to write {out_dir}")
     n, n_layers, n_linear = count_params(model), layer_params(model), linear_params(model)
     regression = bool(run.get("regression"))
     agree = (before.squeeze(-1) - after.squeeze(-1)).abs() < 1e-4 if regression else before.argmax(-1) == after.argmax(-1)
@@ -103,10 +123,10 @@ def compress_run(run_dir, out_dir, limit: int = 64) -> dict:
         "layer_linear_params_dense": dense_linear, "layer_linear_params_compressed": n_linear,
         "layer_linear_removed_fraction": 1 - n_linear / dense_linear,
         "coupling_predicted_linear_params": predicted,
-        "max_abs_diff": float((before - after).abs().max()), "prediction_agreement": float(agree.float().mean()),
+        "max_abs_diff": diff, "tolerance": tolerance, "prediction_agreement": float(agree.float().mean()),
         "n_examples": int(before.shape[0]), "layers": layer_summary(model),
         "residual_stream": "kept; its gates are baked into the weights as scaling (docs/compression.md)",
         "format_version": FORMAT_VERSION,
     }
-    save_compressed(model, tokenizer, out_dir, report)
+    save_compressed(model, tokenizer, out_dir, report, overwrite=overwrite)
     return report

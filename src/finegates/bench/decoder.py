@@ -1,6 +1,6 @@
 """CPU generation benchmark for decoders: prefill latency, per-token decode latency, memory.
 
-    from finegates.bench_decoder import bench_generation
+    from finegates.bench.decoder import bench_generation
     result = bench_generation(model, tokenizer, prompt_tokens=256, new_tokens=32, threads=2, runs=5)
 
 Generation has two regimes with different bottlenecks, so they are timed separately:

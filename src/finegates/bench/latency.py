@@ -45,12 +45,15 @@ class BenchConfig:
     warmup: int = field(default=5, metadata={"help": "Untimed warm-up passes per model."})
     blocks: int = field(default=5, metadata={"help": "Timed runs are split into this many alternating blocks."})
     onnx: bool = field(default=False, metadata={"help": "Also export and time ONNX Runtime."})
+    int8: bool = field(default=False, metadata={
+        "help": "Also time int8 ONNX Runtime (dynamic quantization; implies --onnx)."})
     memory: bool = field(default=True, metadata={"help": "Measure peak memory (subprocesses)."})
     seed: int = field(default=0, metadata={"help": "Seed of the random token inputs."})
 
     def __post_init__(self) -> None:
         if min(self.threads, self.batch, self.seq, self.runs, self.blocks) < 1 or self.warmup < 0:
             raise ValueError("bench: threads, batch, seq, runs and blocks must be >= 1, warmup >= 0")
+        self.onnx = self.onnx or self.int8
 
 
 def default_against(model_dir) -> str:
@@ -69,7 +72,8 @@ def make_inputs(model: nn.Module, batch: int, seq: int, seed: int = 0) -> dict[s
 
 
 def param_counts(model: nn.Module) -> dict[str, int]:
-    from ..compression.exact import count_params, layer_params
+    from ..compression.exact import layer_params
+    from ..core.model import count_params
 
     return {"params": count_params(model), "layer_params": layer_params(model)}
 
@@ -223,21 +227,29 @@ def bench(model_dir, against=None, cfg: BenchConfig | None = None, onnx_dir=None
 
 
 def _bench_onnx(result: dict, models: dict, inputs: dict, cfg: BenchConfig, folder: Path) -> None:
-    from ..export import export_onnx
+    from ..export import export_onnx, quantize_int8
 
     paths = {}
     for name, (model, _) in models.items():
         paths[name] = folder / f"{name}.onnx"
         if not paths[name].is_file():
             export_onnx(model, paths[name])
+        if cfg.int8:
+            paths[f"{name}-int8"] = folder / f"{name}-int8.onnx"
+            if not paths[f"{name}-int8"].is_file():
+                quantize_int8(paths[name], paths[f"{name}-int8"])
     runners = {k: _ort_runner(p, inputs, cfg.threads) for k, p in paths.items()}
     ort_times = time_interleaved(runners, cfg.runs, cfg.warmup, cfg.blocks)
     result["onnxruntime"] = {k: summarize(v) for k, v in ort_times.items()}
     result["ort_latency_ms_dense"] = result["onnxruntime"]["dense"]["median"]
     result["ort_latency_ms_compressed"] = result["onnxruntime"]["compressed"]["median"]
     result["ort_latency_ratio"] = result["ort_latency_ms_compressed"] / result["ort_latency_ms_dense"]
+    if cfg.int8:
+        result["ort_int8_latency_ms_dense"] = result["onnxruntime"]["dense-int8"]["median"]
+        result["ort_int8_latency_ms_compressed"] = result["onnxruntime"]["compressed-int8"]["median"]
     if cfg.memory:
         result["memory_mb_onnxruntime"] = {k: peak_memory(src, cfg, paths[k]) for k, (_, src) in models.items()}
+    result["onnx_mb"] = {k: p.stat().st_size / 2**20 for k, p in paths.items()}
 
 
 def print_table(result: dict) -> None:
@@ -245,7 +257,7 @@ def print_table(result: dict) -> None:
     from rich.table import Table
 
     s = result["settings"]
-    table = Table(title=f"bench: batch {s['batch']} x seq {s['seq']}, {s['threads']} threads, fp32, "
+    table = Table(title=f"bench: batch {s['batch']} x seq {s['seq']}, {s['threads']} threads, "
                         f"{s['runs']} runs (load {result['load_avg']['before'][0]:.1f})")
     for col, just in (("", "left"), ("dense", "right"), ("compressed", "right"), ("ratio", "right")):
         table.add_column(col, justify=just)
@@ -253,11 +265,12 @@ def print_table(result: dict) -> None:
     for key, label in (("params", "params (whole model)"), ("layer_params", "params (transformer layers)")):
         d, c = p["dense"][key], p["compressed"][key]
         table.add_row(label, f"{d:,}", f"{c:,}", f"{c / d:.3f}")
-    for backend, label in (("torch", "PyTorch"), ("onnxruntime", "ONNX Runtime")):
-        if backend in result:
-            r = result[backend]
+    ort = result.get("onnxruntime", {})
+    for r, suffix, label in ((result["torch"], "", "PyTorch"), (ort, "", "ONNX Runtime"),
+                             (ort, "-int8", "ONNX Runtime int8")):
+        if "dense" + suffix in r:
             for stat in ("median", "p90"):
-                d, c = r["dense"][stat], r["compressed"][stat]
+                d, c = r["dense" + suffix][stat], r["compressed" + suffix][stat]
                 table.add_row(f"{label} latency {stat} (ms)", f"{d:.1f}", f"{c:.1f}", f"{c / d:.3f}")
     for key, label in (("memory_mb", "peak RSS PyTorch (MB)"), ("memory_mb_onnxruntime", "peak RSS ORT (MB)")):
         m = result.get(key)

@@ -48,6 +48,9 @@ def run_guarded(fn, *args, **kwargs):
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
 
+OVERWRITE_HELP = "Replace this command's own earlier output at the target (only once the new one is complete)."
+
+
 def option(config: type, name: str, *flags: str, default=MISSING, **kwargs):
     """A Typer option for the field `name` of the dataclass `config`: its help text, and its default
     unless the command decides one (`default=`), so the CLI and the Python API say the same."""

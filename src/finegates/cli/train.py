@@ -13,7 +13,7 @@ from typing import Optional
 import typer
 
 from ..training.config import LMConfig, TrainConfig
-from .app import _quiet_transformers, app, fail, option, run_guarded, split_list
+from .app import OVERWRITE_HELP, _quiet_transformers, app, fail, option, run_guarded, split_list
 
 
 METHOD_OPTIONS_HELP = (
@@ -23,6 +23,13 @@ METHOD_OPTIONS_HELP = (
     "gmp: start=0 end=0.7 freq=0 (0: 20 mask updates) scope=layer|global distill_weight=1; "
     "magnitude: allocation=uniform|global; gates, full: distill_weight=1."
 )
+
+
+def _columns(repeated: Optional[list[str]], joined: Optional[str]) -> tuple[str, ...]:
+    """--text-column NAME (repeatable, taken verbatim: names may hold commas) or --text-columns a,b."""
+    if repeated and joined:
+        fail("give --text-column (repeatable) or --text-columns, not both")
+    return tuple(repeated) if repeated else split_list(joined)
 
 
 def _options(values: Optional[list[str]]) -> dict[str, str]:
@@ -45,12 +52,15 @@ def train(
     resume: Optional[Path] = typer.Option(
         None, "--resume", help="Continue an interrupted run from its checkpoint (its config.json; other options ignored)."
     ),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     task: Optional[str] = option(TrainConfig, "task"),
     data_dir: Optional[Path] = option(TrainConfig, "data_dir"),
     model: Optional[str] = option(TrainConfig, "model"),
     train_file: Optional[Path] = option(TrainConfig, "train_file"),
     eval_file: Optional[Path] = option(TrainConfig, "eval_file"),
     text_columns: Optional[str] = option(TrainConfig, "text_columns", default=None),
+    text_column: Optional[list[str]] = typer.Option(
+        None, "--text-column", help="Own data: one text column, repeatable; the name is taken as is (commas, spaces)."),
     label_column: str = option(TrainConfig, "label_column"),
     regression: bool = option(TrainConfig, "regression"),
     method: str = option(TrainConfig, "method"),
@@ -88,6 +98,7 @@ def train(
     checkpoint_every: int = option(TrainConfig, "checkpoint_every"),
     skip_nonfinite: bool = option(TrainConfig, "skip_nonfinite"),
     progress: bool = option(TrainConfig, "progress"),
+    log_every: int = option(TrainConfig, "log_every"),
     objective: str = typer.Option("classify", help="classify (GLUE / own data) or lm (decoders: causal-LM loss, perplexity)."),
     text_files: Optional[str] = option(LMConfig, "text_files", default=None),
     eval_text_file: Optional[Path] = option(LMConfig, "eval_text_file"),
@@ -113,6 +124,7 @@ def train(
         else:
             _print_result(run_guarded(run_train, resumed, resume=True))
         return
+    columns = _columns(text_column, text_columns)
     if out is None:
         fail("give --out RUN_DIR (or --resume RUN_DIR to continue an interrupted run)")
     from ..training.recipes import DEFAULT_RECIPE
@@ -133,28 +145,29 @@ def train(
             epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, head_lr=head_lr, lam=lam,
             reg_start_step=reg_start_step, regularizer=regularizer, train_bias=train_bias, seed=seed,
             evals=max(1, round(evals_per_epoch * epochs)), device=device, trace_every=trace_every, progress=progress,
+            log_every=log_every,
             checkpoint_every=checkpoint_every, skip_nonfinite=skip_nonfinite,
             method_options=_options(opt), distill=distill, train_weights=train_weights,
             recipe_options=_recipe_options(None, weight_lr),
         )
-        _print_lm_result(run_guarded(train_lm, lm_cfg))
+        _print_lm_result(run_guarded(train_lm, lm_cfg, overwrite=overwrite))
         return
     if objective != "classify":
         fail(f"--objective must be classify or lm, got {objective!r}")
     cfg = run_guarded(
         TrainConfig, out=out, model=model, task=task, data_dir=data_dir, train_file=train_file,
-        eval_file=eval_file, text_columns=split_list(text_columns), label_column=label_column,
+        eval_file=eval_file, text_columns=columns, label_column=label_column,
         regression=regression, method=method, recipe=chosen, sparsity=0.4 if sparsity is None else sparsity,
         epochs=epochs,
         max_steps=max_steps, batch_size=batch_size, max_length=max_length, lr=lr, head_lr=head_lr,
         lam=lam, reg_start_step=reg_start_step, regularizer=regularizer, train_bias=train_bias, seed=seed,
         train_limit=train_limit, eval_limit=eval_limit, evals_per_epoch=evals_per_epoch, device=device,
         trace_every=trace_every, checkpoint_every=checkpoint_every, skip_nonfinite=skip_nonfinite,
-        progress=progress, method_options=_options(opt), distill=distill, pooling=pooling,
+        progress=progress, log_every=log_every, method_options=_options(opt), distill=distill, pooling=pooling,
         recipe_options=_recipe_options(prune_units, weight_lr), train_weights=train_weights,
         teacher=str(teacher) if teacher is not None else None, kd_weight=kd_weight, kd_temperature=kd_temperature,
     )
-    result = run_guarded(run_train, cfg)
+    result = run_guarded(run_train, cfg, overwrite=overwrite)
     _print_result(result)
 
 

@@ -1,33 +1,35 @@
 """Exact compression: bake the evaluation gates into the weights, then delete what they closed.
 
-    compressed = finegates.compress(gated_model)          # in place; same logits (fp32 ~1e-6)
-    finegates.compress.save_compressed(compressed, tokenizer, "model-dir", report)
-    model = finegates.load("model-dir")                   # rebuilt at the saved shapes, strict
+    compressed = finegates.compression.compress(gated_model)   # in place; same logits (fp32 ~1e-6)
+    finegates.compression.save_compressed(compressed, tokenizer, "model-dir", report)   # saved.py
+    model = finegates.load("model-dir")                        # rebuilt at the saved shapes, strict
 
 Per block, `coupling.keep` (fed 0/1 open masks) decides what goes, so the count training
 steers and the count compression delivers are the same numbers (METHOD.md section 2). The
 residual stream (hidden size) is not cut: its gates stay as scaling baked into the weights
 (docs/compression.md has the measurement behind that choice).
 
-A layer keeps its stock block; the attention module becomes a `CompactAttention` of that
-layer's shapes, Q/K/V/O and MLP linears are cut to their kept rows/columns, and a layer whose
-whole attention or MLP is closed keeps only a `Constant` (its output bias).
+A layer keeps its stock block and, wherever it can, its stock attention module, so what the
+family computes beyond the projections (relative position biases, RoPE, sliding windows, q/k
+norms) stays the stock code: Q/K/V/O and MLP linears are cut to their kept rows/columns and the
+module's head counts set from the table. rebuild.py says when the padded `CompactAttention` is
+used instead, and documents the saved format. A layer whose whole attention or MLP is closed
+keeps only a `Constant` (its output bias). `pipeline.compress_run` checks the result against the
+gated model on real examples and refuses to write one that differs beyond a tolerance.
 """
 
 from __future__ import annotations
 
-import warnings
 
 import torch
 import torch.nn as nn
 
-from ..core.arch import ArchSpec, blocks, get_submodule, spec_for
-from ..core.compact import AttnLayout, CompactAttention, Constant, padded_linear, spread_indices
+from ..core.arch import ArchSpec, blocks, spec_for
+from ..core.compact import AttnLayout
 from ..core.coupling import DELETABLE_SIDE, BlockLayout, keep, kept_params
 from ..core.gates import GatedLinear
 from ..core.model import count_params
-
-FORMAT_VERSION = 1
+from .rebuild import FORMAT_VERSION, attention_module, build_block, set_module
 
 
 # ---- what survives ----------------------------------------------------------------------
@@ -133,51 +135,7 @@ def _v_fold(lin: dict[str, nn.Linear], lay: BlockLayout, kept_vo: torch.Tensor) 
     return fold if bool((fold != 0).any()) else None
 
 
-# ---- building blocks at given shapes ----------------------------------------------------------
-def _set(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(get_submodule(root, parent), name, module)
-
-
-def _linear(n_in: int, n_out: int, bias: bool, dtype: torch.dtype) -> nn.Linear:
-    """An uninitialised linear layer (its weights are copied or loaded right after)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "Initializing zero-element tensors is a no-op"
-        return torch.nn.utils.skip_init(nn.Linear, n_in, n_out, bias=bias, dtype=dtype)
-
-
-def build_block(block: nn.Module, spec: ArchSpec, config, plan: dict, layer_idx: int, dtype: torch.dtype) -> None:
-    """Replace a stock block's attention and MLP linears by modules of `plan`'s shapes (uninitialised)."""
-    attn_path = spec.attention
-    stock = block.get_submodule(attn_path)
-    lay = AttnLayout.from_dict(plan["attn"])
-    bias = set(plan["bias"])
-    hidden = getattr(config, spec.hidden_attr)
-    rel = {r: spec.modules[r][len(attn_path) + 1:] for r in ("q", "k", "v")}
-    o_inside = spec.modules["o"].startswith(attn_path + ".")
-    dropout = getattr(stock, "attention_dropout", None)
-    if dropout is None:
-        dropout = getattr(getattr(stock, "dropout", None), "p", 0.0)
-    compact = CompactAttention(
-        lay, config, rel, hidden, bias, layer_idx, causal=spec.decoder,
-        o_name=spec.modules["o"][len(attn_path) + 1:] if o_inside else None,
-        dropout=float(dropout), sliding_window=getattr(stock, "sliding_window", None), dtype=dtype,
-    )
-    _set(block, attn_path, compact)
-    if not o_inside:
-        n_o = lay.n_o if lay.heads else 0
-        o = padded_linear(n_o, hidden, "o" in bias, dtype, cols=spread_indices(lay)["o"]) if lay.heads \
-            else Constant(hidden, "o" in bias, dtype)
-        _set(block, spec.modules["o"], o)
-    units = len(plan["mlp"])
-    for role in ("up", "gate"):
-        if role in spec.modules:
-            new = _linear(hidden, units, role in bias, dtype) if units else nn.Identity()
-            _set(block, spec.modules[role], new)
-    down = _linear(units, hidden, "down" in bias, dtype) if units else Constant(hidden, "down" in bias, dtype)
-    _set(block, spec.modules["down"], down)
-
-
+# ---- cutting ------------------------------------------------------------------------------
 def _copy(module: nn.Module, weight: torch.Tensor | None, bias: torch.Tensor | None) -> None:
     with torch.no_grad():
         if weight is not None and isinstance(module, nn.Linear):
@@ -208,7 +166,7 @@ def compress_block(block: nn.Module, spec: ArchSpec, config, layer_idx: int) -> 
     down_bias = _add_bias(lin["down"].bias, mlp_fold, d, lin["down"].weight.dtype)
     bias = sorted(r for r, m in lin.items() if m.bias is not None)
     bias = sorted(set(bias) | ({"o"} if o_bias is not None else set()) | ({"down"} if down_bias is not None else set()))
-    plan = {"attn": layout.to_dict(), "mlp": units.tolist(), "bias": bias}
+    plan = {"attn": layout.to_dict(), "attn_module": attention_module(layout, spec), "mlp": units.tolist(), "bias": bias}
     dtype = lin["q"].weight.dtype
     build_block(block, spec, config, plan, layer_idx, dtype)
     device = lin["q"].weight.device
@@ -242,7 +200,7 @@ def compress(model: nn.Module) -> nn.Module:
     plans = [compress_block(b, spec, model.config, i) for i, b in enumerate(blocks(model, spec))]
     for name, m in list(model.named_modules()):  # gated layers outside the blocks, if any
         if isinstance(m, GatedLinear):
-            _set(model, name, m.merged())
+            set_module(model, name, m.merged())
     model.config.finegates = {"format_version": FORMAT_VERSION, "task_class": type(model).__name__, "layers": plans}
     if hasattr(model, "finegates_config"):
         del model.finegates_config
@@ -277,5 +235,3 @@ def linear_params(model: nn.Module) -> int:
             m = m.base if isinstance(m, GatedLinear) else m
             total += sum(p.numel() for p in m.parameters())
     return total
-
-

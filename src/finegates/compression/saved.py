@@ -1,5 +1,7 @@
 """The compressed model on disk: weights, tokenizer and a config.json whose `finegates` entry
-records every layer's kept shapes; `load` rebuilds the model at those shapes, then loads strictly.
+records every layer's kept shapes (rebuild.py documents the format); `load` rebuilds the model at
+those shapes, then loads strictly. The folder also ships `modeling_finegates.py` (remote_code.py),
+so plain transformers loads it with trust_remote_code.
 
     finegates.compression.save_compressed(small, tokenizer, "model-dir", report)
     model = finegates.load("model-dir")
@@ -15,33 +17,38 @@ from pathlib import Path
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from ..core.arch import blocks, spec_for
 from ..core.compact import AttnLayout
 from ..core.pooling import restore_pooling
 from ..data.files import atomic_write, save_tensors, write_json
-from .exact import FORMAT_VERSION, build_block
+from ..data.outputs import COMPRESSED, output_folder
+from .rebuild import FORMAT_VERSION, CompressedModelError, rebuild
+from .remote_code import add_remote_code
+
 
 WEIGHTS = "model.safetensors"
+
 
 
 REPORT = "compress_report.json"  # what compress_run found: removed fractions, exactness, the compressed widths
 
 
-class CompressedModelError(ValueError):
-    """A compressed-model folder that does not match its own recorded shapes."""
-
 
 # ---- save / load --------------------------------------------------------------------------------
-def save_compressed(model: nn.Module, tokenizer, out_dir, report: dict | None = None) -> Path:
-    """Write weights, tokenizer and config.json (with the `finegates` shapes), each atomically.
-
-    config.json goes last: a folder without it is not a model.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    fg = getattr(model.config, "finegates", None)
-    if not fg:
+def save_compressed(model: nn.Module, tokenizer, out_dir, report: dict | None = None, overwrite: bool = False) -> Path:
+    """Write weights, tokenizer and config.json (with the `finegates` shapes) to a new or empty
+    folder, or over a compressed model with `overwrite`; the folder appears only once complete
+    (data/outputs.py)."""
+    if not getattr(model.config, "finegates", None):
         raise ValueError("save_compressed: this model was not compressed (no config.finegates)")
+    with output_folder(out_dir, COMPRESSED, overwrite=overwrite) as out:
+        _write_compressed(model, tokenizer, out, report)
+    return Path(out_dir)
+
+
+
+def _write_compressed(model: nn.Module, tokenizer, out: Path, report: dict | None) -> None:
+    """config.json goes last: a folder without it is not a model."""
+    fg = model.config.finegates
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     save_tensors(out / WEIGHTS, state, metadata={"format": "pt", "finegates_format": str(FORMAT_VERSION)})
     if tokenizer is not None:
@@ -52,10 +59,8 @@ def save_compressed(model: nn.Module, tokenizer, out_dir, report: dict | None = 
                     atomic_write(out / f.name, lambda t, src=f: os.replace(src, t))
     if report is not None:
         write_json(out / REPORT, report)
-    config = model.config.to_dict()
-    config["finegates"] = fg
-    write_json(out / "config.json", config)
-    return out
+    write_json(out / "config.json", add_remote_code(out, {**model.config.to_dict(), "finegates": fg}))
+
 
 
 def load(model_dir) -> nn.Module:
@@ -70,21 +75,15 @@ def load(model_dir) -> nn.Module:
     fg = raw.get("finegates")
     if not fg:
         raise CompressedModelError(f"{d}: config.json has no 'finegates' field (not a compressed model)")
-    if fg.get("format_version") != FORMAT_VERSION:
-        raise CompressedModelError(f"{d}: finegates format {fg.get('format_version')}, this version reads {FORMAT_VERSION}")
     config = AutoConfig.from_pretrained(d)
-    cls = getattr(transformers, fg["task_class"])
-    model = cls._from_config(config)
-    spec = spec_for(model)
-    layer_list = blocks(model, spec)
-    if len(layer_list) != len(fg["layers"]):
-        raise CompressedModelError(f"{d}: config records {len(fg['layers'])} layers, the model has {len(layer_list)}")
-    dtype = next(model.parameters()).dtype
-    for i, (block, plan) in enumerate(zip(layer_list, fg["layers"])):
-        build_block(block, spec, config, plan, i, dtype)
-    model.config.finegates = fg
+    model = getattr(transformers, fg["task_class"])._from_config(config)
+    try:
+        rebuild(model, fg)
+    except CompressedModelError as e:
+        raise CompressedModelError(f"{d}: {e}") from None
     _load_strict(model, d / WEIGHTS)
     return restore_pooling(model).eval()
+
 
 
 def _load_strict(model: nn.Module, path: Path) -> None:
@@ -104,12 +103,15 @@ def _load_strict(model: nn.Module, path: Path) -> None:
     model.load_state_dict(state, strict=True)
 
 
+
 # ---- from a run directory -----------------------------------------------------------------------
 def layer_summary(model: nn.Module) -> list[dict]:
-    """Per layer: kept query heads, kv heads, padded Q/K and V widths, MLP units."""
+    """Per layer: attention module, kept query heads, kv heads, Q/K and V widths computed, MLP units."""
     out = []
     for plan in model.config.finegates["layers"]:
         lay = AttnLayout.from_dict(plan["attn"])
-        out.append({"heads": len(lay.heads), "kv_heads": len(lay.groups), "qk_width": lay.qk_width() if lay.heads else 0,
-                    "v_width": lay.v_width() if lay.heads else 0, "mlp_units": len(plan["mlp"])})
+        stock = plan.get("attn_module") == "stock"  # stock modules compute at the original head dim
+        qk, v = (lay.head_dim, lay.head_dim) if stock else (lay.qk_width(), lay.v_width())
+        out.append({"attn_module": plan.get("attn_module", "compact"), "heads": len(lay.heads), "kv_heads": len(lay.groups),
+                    "qk_width": qk if lay.heads else 0, "v_width": v if lay.heads else 0, "mlp_units": len(plan["mlp"])})
     return out

@@ -12,7 +12,7 @@ Roles (the names used everywhere else):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch.nn as nn
 
@@ -39,6 +39,14 @@ class ArchSpec:
     num_kv_heads_attr: str | None = None  # None -> same as num_heads (no GQA)
     hidden_attr: str = "hidden_size"
     intermediate_attr: str = "intermediate_size"
+    # Compression keeps the stock attention module and cuts it in place (compression/rebuild.py). These say
+    # what to update on it: `head_attrs` maps an attribute of the attention module to the count it
+    # holds ("heads", "kv_heads", "heads_per_kv" or "width" = heads * head dim); only attributes
+    # its forward reads must be listed. `head_inputs` names per-head tensors the module receives
+    # (keyword name, positional index after the hidden states), head axis 1, such as MPNet's
+    # relative position bias: a hook keeps their kept heads' slices.
+    head_attrs: dict[str, str] = field(default_factory=dict)
+    head_inputs: tuple[tuple[str, int], ...] = ()
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -64,6 +72,8 @@ _LLAMA_MODULES = {
     "down": "mlp.down_proj",
 }
 
+_BERT_HEAD_ATTRS = {"num_attention_heads": "heads", "all_head_size": "width"}
+
 ARCHS: dict[str, ArchSpec] = {
     spec.family: spec
     for spec in (
@@ -74,6 +84,7 @@ ARCHS: dict[str, ArchSpec] = {
             modules=_BERT_MODULES,
             attention="attention.self",
             head=("bert.pooler", "classifier"),
+            head_attrs=_BERT_HEAD_ATTRS,
         ),
         ArchSpec(
             family="roberta",
@@ -82,6 +93,24 @@ ARCHS: dict[str, ArchSpec] = {
             modules=_BERT_MODULES,
             attention="attention.self",
             head=("classifier",),
+            head_attrs=_BERT_HEAD_ATTRS,
+        ),
+        ArchSpec(
+            family="mpnet",
+            model_types=("mpnet",),
+            layers="encoder.layer",
+            modules={
+                "q": "attention.attn.q",
+                "k": "attention.attn.k",
+                "v": "attention.attn.v",
+                "o": "attention.attn.o",
+                "up": "intermediate.dense",
+                "down": "output.dense",
+            },
+            attention="attention.attn",
+            head=("classifier",),
+            head_attrs=_BERT_HEAD_ATTRS,  # MPNet reshapes its context to `all_head_size`
+            head_inputs=(("position_bias", 2),),  # (batch, heads, q, k), shared by all layers
         ),
         ArchSpec(
             family="distilbert",
@@ -100,6 +129,7 @@ ARCHS: dict[str, ArchSpec] = {
             num_heads_attr="n_heads",
             hidden_attr="dim",
             intermediate_attr="hidden_dim",
+            head_attrs={"n_heads": "heads"},
         ),
         *(
             ArchSpec(
@@ -113,6 +143,7 @@ ARCHS: dict[str, ArchSpec] = {
                 rope=True,
                 mlp_act="swiglu",
                 num_kv_heads_attr="num_key_value_heads",
+                head_attrs={"num_key_value_groups": "heads_per_kv"},  # read by repeat_kv
             )
             for name in ("llama", "qwen2", "mistral")
         ),

@@ -108,12 +108,20 @@ def _identity_or(idx: torch.Tensor, n_rows: int) -> torch.Tensor | None:
     return None if idx.numel() == n_rows and torch.equal(idx, torch.arange(idx.numel())) else idx
 
 
-def spread_indices(lay: AttnLayout) -> dict[str, torch.Tensor | None]:
-    """Per projection, the padded slot -> compact row (q/k/v) or column (o) gather index."""
+def spread_indices(lay: AttnLayout, stock: bool = False) -> dict[str, torch.Tensor | None]:
+    """Per projection, the padded slot -> compact row (q/k/v) or column (o) gather index.
+
+    `stock`: every kept head keeps its original `head_dim` slots (dim j in slot j), the layout the
+    stock attention module computes in (compression/rebuild.py); otherwise the narrower per-layer layout above.
+    """
     H, G = len(lay.heads), len(lay.groups)
-    qkw, vw = lay.qk_width(), lay.v_width()
-    qk = [lay.qk_slots(g) for g in range(G)]
-    vs = [lay.v_slots(g) for g in range(G)]
+    if stock:
+        qkw = vw = lay.head_dim
+        qk = vs = [{j: j for j in range(lay.head_dim)}] * G
+    else:
+        qkw, vw = lay.qk_width(), lay.v_width()
+        qk = [lay.qk_slots(g) for g in range(G)]
+        vs = [lay.v_slots(g) for g in range(G)]
     q = [(h, qk[lay.head_group[h]][j]) for h in range(H) for j in lay.q_dims[h]]
     k = [(g, qk[g][j]) for g in range(G) for j in lay.k_dims[g]]
     v = [(g, vs[g][j]) for g in range(G) for j in lay.v_dims[g]]

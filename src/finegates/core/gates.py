@@ -24,7 +24,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .gated_linear import gated_linear
+
 OFFSET = 0.5  # the +0.5 shift of both the paper's code and STG
+# parameter names that exist only while training (gates, the low-rank update merged before
+# compression): a deployed model holds none of them, so no parameter count includes them
+TRAINING_ONLY = ("theta", "lora_A", "lora_B")
 CLOSED_THETA = -10.0  # a theta whose gate is 0 for both mean functions, far from the clamp: stays closed
 
 
@@ -95,7 +100,7 @@ class Gate(nn.Module):
     def close(self, mask: torch.Tensor) -> None:
         """Close the gates in `mask` for good: their theta goes where neither noise nor the
         (clamped, hence zero) gradient can bring it back."""
-        self.theta[mask] = CLOSED_THETA
+        self.theta.masked_fill_(mask, CLOSED_THETA)  # a mask, not an index: no read-back from the device
 
     def values(self) -> torch.Tensor:
         """Deterministic evaluation values (what gets baked into the weights)."""
@@ -129,6 +134,8 @@ class GatedLinear(nn.Module):
         cols: bool = True,
         role: str = "",
         layer: int = -1,
+        adapter_rank: int = 0,
+        adapter_alpha: float = 16.0,
     ) -> None:
         super().__init__()
         self.base = base
@@ -138,6 +145,15 @@ class GatedLinear(nn.Module):
         self.col_gate = Gate(base.in_features, param) if cols else None
         for p in self.base.parameters():
             p.requires_grad_(False)
+        # Optional low-rank update of the frozen weight, gated like it: W' = z_r (W + s B A) z_c
+        # (the authors' SparseLoRALayer). B starts at zero, so training starts from W exactly;
+        # `merged` folds s B A into W, so the compressed model is no larger than without it.
+        self.adapter_scale = adapter_alpha / adapter_rank if adapter_rank else 0.0
+        self.lora_A = self.lora_B = None
+        if adapter_rank:
+            self.lora_A = nn.Parameter(torch.empty(adapter_rank, base.in_features))
+            self.lora_B = nn.Parameter(torch.zeros(base.out_features, adapter_rank))
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         device = base.weight.device
         self.to(device)
 
@@ -165,17 +181,26 @@ class GatedLinear(nn.Module):
         }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.col_gate is not None:
-            x = x * self.col_gate().to(x.dtype)
-        y = F.linear(x, self.base.weight, self.base.bias)
-        if self.row_gate is not None:
-            y = y * self.row_gate().to(y.dtype)
+        z_r = None if self.row_gate is None else self.row_gate()
+        z_c = None if self.col_gate is None else self.col_gate()
+        y = gated_linear(x, self.base.weight, self.base.bias, z_r, z_c)
+        if self.lora_A is not None:
+            y = y + self._update(x, z_r, z_c)
         return y
+
+    def _update(self, x: torch.Tensor, z_r: torch.Tensor | None, z_c: torch.Tensor | None) -> torch.Tensor:
+        """`z_r * s B A (z_c x)`: the low-rank term of `W' = z_r (W + s B A) z_c`, kept outside the
+        fused node (it is linear in W, so the two terms add; autograd sums both paths' dL/dz)."""
+        xs = x if z_c is None else x * z_c.to(x.dtype)
+        u = self.adapter_scale * F.linear(F.linear(xs, self.lora_A.to(xs.dtype)), self.lora_B.to(xs.dtype))
+        return u if z_r is None else u * z_r.to(u.dtype)
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:
         """A plain `nn.Linear` with the evaluation gates baked in: `W <- Diag(z_r) W Diag(z_c)`."""
         w = self.base.weight.detach().clone()
+        if self.lora_A is not None:
+            w += (self.adapter_scale * (self.lora_B.float() @ self.lora_A.float())).to(w.dtype)
         b = None if self.base.bias is None else self.base.bias.detach().clone()
         if self.col_gate is not None:
             w *= self.col_gate.values().to(w.dtype)[None, :]

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from .arch import ArchSpec, blocks, get_submodule, spec_for
-from .gates import Gate, GatedLinear, GateParam
+from .gates import TRAINING_ONLY, Gate, GatedLinear, GateParam
 
 
 @dataclass
@@ -48,6 +48,10 @@ class GateConfig:
         default=False, metadata={"help": "Also train the LayerNorm/RMSNorm parameters inside the blocks (ours)."}
     )
     train_head: bool = field(default=True, metadata={"help": "Train the task head (classifier)."})
+    adapter_rank: int = field(default=0, metadata={
+        "help": "Rank of a low-rank update of the frozen weight inside the gates (0: none); merged before compression."})
+    adapter_alpha: float = field(default=16.0, metadata={"help": "Scale numerator of the low-rank update (alpha / rank)."})
+    adapter_roles: tuple[str, ...] = field(default=("q", "v"), metadata={"help": "Roles that get the low-rank update."})
 
     def __post_init__(self) -> None:
         if not (self.rows or self.cols):
@@ -56,6 +60,9 @@ class GateConfig:
             self.roles = tuple(self.roles)
         if self.target_modules is not None:
             self.target_modules = tuple(self.target_modules)
+        self.adapter_roles = tuple(self.adapter_roles)
+        if self.adapter_rank < 0:
+            raise ValueError(f"GateConfig: adapter_rank must be >= 0, got {self.adapter_rank}")
 
 
 def _targets(model: nn.Module, spec: ArchSpec, cfg: GateConfig) -> list[tuple[int, str, str]]:
@@ -101,7 +108,9 @@ def apply_gates(model: nn.Module, cfg: GateConfig | None = None) -> nn.Module:
             raise ValueError(f"layer {i} {path} already has gates")
         if not isinstance(base, nn.Linear):
             raise TypeError(f"layer {i} {path} is {type(base).__name__}, not nn.Linear")
-        gated = GatedLinear(base, cfg.param, rows=cfg.rows, cols=cfg.cols, role=role, layer=i)
+        rank = cfg.adapter_rank if role in cfg.adapter_roles else 0
+        gated = GatedLinear(base, cfg.param, rows=cfg.rows, cols=cfg.cols, role=role, layer=i,
+                            adapter_rank=rank, adapter_alpha=cfg.adapter_alpha)
         gated.to(dtype=torch.float32)  # gates always fp32, whatever the frozen weights are
         gated.base.to(base.weight.dtype)
         _set_submodule(block, path, gated)
@@ -160,9 +169,8 @@ def count_trainable(model: nn.Module) -> int:
 
 
 def count_params(model: nn.Module) -> int:
-    """Parameters of the model as a user would deploy it (gates excluded)."""
-    gate_ids = {id(p) for p in gate_parameters(model)}
-    return sum(p.numel() for p in model.parameters() if id(p) not in gate_ids)
+    """Parameters of the model as a user would deploy it (gates and low-rank updates excluded)."""
+    return sum(p.numel() for n, p in model.named_parameters() if not n.endswith(TRAINING_ONLY))
 
 
 def gate_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -217,3 +225,18 @@ def open_fractions(model: nn.Module) -> dict[str, dict[str, float]]:
                 out[key][f"{side}_expected_open"] = float(g.open_prob().mean())
                 out[key][f"{side}_open"] = float((~g.closed()).float().mean())
     return out
+
+
+def gate_trace(model: nn.Module) -> dict:
+    """Gate-value quantiles and gradient norm: the internals the recipe study plots."""
+    thetas = gate_parameters(model)
+    if not thetas:
+        return {}
+    with torch.no_grad():
+        vals = torch.cat([g.values().flatten() for m in gated_layers(model) for g in m.gates().values()]).float().cpu()
+        grads = [p.grad for p in thetas if p.grad is not None]
+        gnorm = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads))) if grads else 0.0
+    q = torch.quantile(vals, torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95])).tolist()
+    return {"gate_q": [round(x, 4) for x in q], "gate_closed": float((vals <= 0).float().mean()),
+            "gate_grad_norm": gnorm,
+            "gate_hist": torch.histc(vals, bins=20, min=0.0, max=1.0).int().tolist()}

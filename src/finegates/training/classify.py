@@ -16,16 +16,19 @@ from tqdm.auto import tqdm
 
 from safetensors.torch import load_file, save_file
 
+from ..core.distributed import gather
+from ..core.fits import check_token_types, max_tokens
 from ..core.model import count_params, count_trainable
 from ..data import metrics as M
 from ..data.encoding import Encoded, load_task
 from ..data.files import atomic_write
+from ..data.outputs import TRAIN_RUN
 from ..data.tasks import Example, TaskSpec
-from ..loaders import load_classifier, load_config, load_teacher, load_tokenizer, max_tokens, resolve
+from ..loaders import load_classifier, load_config, load_teacher, load_tokenizer, resolve
 from .checkpoint import FORMAT_VERSION, model_fingerprint, read_checkpoint
 from .config import TrainConfig
 from .distill import TeacherLogits
-from .loop import Objective, finish_run_dir, fit
+from .loop import Objective, finish_run_dir, fit, in_run_folder
 from .methods import get_method
 from .plan import LoopState
 from .runtime import autocast, launch, peak_memory_mb, versions
@@ -59,12 +62,20 @@ class Classification(Objective):
             f"{k} {v:.4f}" for k, v in record["dev"].items())
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> dict:
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """Train, evaluate each epoch, write the run directory; return the final metrics.
 
     `resume=True` goes on from RUN_DIR/checkpoint (checkpoint.py); on CPU the result is
     bit-identical to an uninterrupted run. Without a checkpoint it starts from step 0.
+    The run directory must be new, empty, or this run resumed; `overwrite=True` replaces an
+    earlier run there once the new one is complete (data/outputs.py: the rule every command follows).
     """
+    inputs = (cfg.model, cfg.data_dir, cfg.train_file, cfg.eval_file, cfg.teacher)
+    return in_run_folder(_train, cfg, TRAIN_RUN, inputs, resume, overwrite)
+
+
+def _train(cfg: TrainConfig, resume: bool, target: Path) -> dict:
+    """`train` writing into `cfg.out` (the run directory, or a staging folder that becomes `target`)."""
     if resume and (cfg.out / "metrics.json").is_file():
         return json.loads((cfg.out / "metrics.json").read_text(encoding="utf-8"))  # already complete
     procs, device = launch(cfg.seed, cfg.device, cfg.batch_size)
@@ -74,10 +85,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     tokenizer = load_tokenizer(location)
     model = load_classifier(location, spec.num_labels, spec.regression, cfg.pooling)
     fingerprint = model_fingerprint(model)
-    limit = max_tokens(model.config, tokenizer)  # longer inputs would overflow the position table
+    limit = max_tokens(model, tokenizer)  # longer inputs would overflow the position table
     max_length = min(cfg.max_length, limit) if limit else cfg.max_length
     train_data = Encoded(train_ex, tokenizer, max_length, spec.regression)
     evals = {k: Encoded(v, tokenizer, max_length, spec.regression) for k, v in eval_ex.items()}
+    check_token_types(model, (f for d in (train_data, *evals.values()) for f in d.features), location)
 
     data_fp = _data_fingerprint(train_ex)
     teacher = _teacher(cfg, train_data, data_fp, spec, device)  # every process: each looks up its own slice
@@ -91,7 +103,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 
     config = {
         "format_version": FORMAT_VERSION,
-        "train": asdict(cfg), "model_location": location, "task": spec.name, "labels": spec.labels,
+        "train": {**asdict(cfg), "out": str(target)}, "model_location": location, "task": spec.name,
+        "labels": spec.labels,
         "metrics": spec.metrics, "num_labels": spec.num_labels, "regression": spec.regression,
         "method_config": method.config(), "versions": versions(),
         "fingerprint": fingerprint,
@@ -105,13 +118,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     method.finish(model)
 
     final = st.history[-1]
+    peak = st.peak_mb if st.peak_mb is not None else peak_memory_mb(device)
     best = max(st.history, key=lambda r: r["score"])
     return finish_run_dir(cfg.out, {
         "task": spec.name, "method": cfg.method, "seed": cfg.seed, "steps": st.step,
         "dev": final["dev"], "score": final["score"], "best": {"step": best["step"], "dev": best["dev"]},
         "trainable_params": trainable_params, "total_params": dense_params,
         "train_seconds": st.t_train, "seconds_per_step": st.t_train / max(st.step, 1),
-        "peak_memory_mb": peak_memory_mb(device), "device": str(device), "skipped_nonfinite": st.skipped,
+        "steady_seconds_per_step": st.steady_seconds_per_step, "peak_memory_mb": peak,
+        "peak_memory_mb_per_process": gather(peak, procs), "device": str(device), "skipped_nonfinite": st.skipped,
         "resumed_from_step": ckpt["step"] if ckpt is not None else None,
         "processes": procs.world, "samples_per_second": st.step * cfg.batch_size / max(st.t_train, 1e-9),
         **method.summary(model), "complete": True,

@@ -27,9 +27,10 @@ class RunConfig:
     method: str = field(default="gates", metadata={
         "help": "Training method: gates (FineGates), or a baseline: full, bitfit, lora, pst, gmp, magnitude."})
     recipe: str = field(default=DEFAULT_RECIPE, metadata={
-        "help": "Gate recipe: finetune (ours: weights finetune too, units close by importance), fast (ours: "
-        "frozen weights, only gates/biases/head train), paper (published code), stg, paper-lm. Default: "
-        "finetune; paper-lm with --objective lm."})
+        "help": "Gate recipe: finetune (ours: weights finetune too, units close by importance), frozen (ours: "
+        "frozen weights, gates over a rank-4 update of q,v, units close by importance), fast (ours: frozen weights, "
+        "only gates/biases/head train), paper (published code), stg, paper-lm. Default: finetune; paper-lm with "
+        "--objective lm."})
     recipe_options: dict = field(default_factory=dict, metadata={"help": "Dotted-path recipe overrides, e.g. {'reg.lam': 10}."})
     method_options: dict = field(default_factory=dict, metadata={"help": "Method-specific options (--opt key=value)."})
     distill: str | None = field(default=None, metadata={
@@ -60,6 +61,8 @@ class RunConfig:
         "help": "Also checkpoint every N steps for --resume (0: at evaluations)."})
     skip_nonfinite: bool = field(default=False, metadata={"help": "Skip (and count) batches with a NaN/inf loss or gradient."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+    log_every: int = field(default=50, metadata={
+        "help": "Progress statistics every N steps (a plain line when not on a terminal)."})
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -71,8 +74,9 @@ class RunConfig:
             raise ValueError(f"--batch-size must be positive, got {self.batch_size}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"--max-steps must be at least 1, got {self.max_steps}")
-        if self.eval_batch_size < 1:
-            raise ValueError(f"--eval-batch-size must be at least 1, got {self.eval_batch_size}")
+        for name in ("eval_batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         for name in ("trace_every", "checkpoint_every", "grad_clip"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
@@ -99,7 +103,8 @@ class RunConfig:
         """The loop's settings from this config (`more`: the objective's own, e.g. an lr schedule)."""
         return Plan(out=self.out, total_steps=total_steps, batch_size=self.batch_size, eval_at=eval_at,
                     seed=self.seed, checkpoint_every=self.checkpoint_every, grad_clip=self.grad_clip,
-                    skip_nonfinite=self.skip_nonfinite, trace_every=self.trace_every, progress=self.progress, **more)
+                    skip_nonfinite=self.skip_nonfinite, trace_every=self.trace_every, progress=self.progress,
+                    log_every=self.log_every, **more)
 
 
 @dataclass
@@ -107,8 +112,8 @@ class TrainConfig(RunConfig):
     """A classification run (GLUE or own data); `finegates train` options map onto these fields."""
 
     model: str | None = field(default=None, metadata={
-        "help": "HF model folder, hub id, or smollm2 (prepared on first use). Default: the embedded MiniLM-L6; "
-        "smollm2 with --objective lm."})
+        "help": "HF model folder, hub id, smollm2 or mpnet (prepared on first use). Default: the embedded "
+        "MiniLM-L6; smollm2 with --objective lm."})
     task: str | None = field(default=None, metadata={
         "help": "GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli."})
     data_dir: Path | None = field(default=None, metadata={"help": "GLUE task folder holding train.tsv and dev.tsv."})

@@ -15,16 +15,18 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from ..core.model import count_params, count_trainable
+from ..data.outputs import TRAIN_RUN
 from ..data.text import eval_ids, pack, tokenize_files
 from ..loaders import load_causal_lm, load_tokenizer, resolve
 from .checkpoint import FORMAT_VERSION, model_fingerprint, read_checkpoint
 from .config import LMConfig
-from .loop import Objective, finish_run_dir, fit
+from .loop import Objective, finish_run_dir, fit, in_run_folder
 from .plan import LoopState
 from .methods import get_method
 from .perplexity import perplexity
@@ -66,8 +68,15 @@ class LanguageModelling(Objective):
                f"stride {self.stride})"
 
 
-def train_lm(cfg: LMConfig, resume: bool = False) -> dict:
-    """Train on the LM loss, evaluate perplexity `cfg.evals` times, write the run directory."""
+def train_lm(cfg: LMConfig, resume: bool = False, overwrite: bool = False) -> dict:
+    """Train on the LM loss, evaluate perplexity `cfg.evals` times, write the run directory (new,
+    empty or resumed; `overwrite=True` replaces an earlier run there once the new one is complete:
+    data/outputs.py)."""
+    return in_run_folder(_train_lm, cfg, TRAIN_RUN, (cfg.model, *cfg.text_files, cfg.eval_text_file), resume, overwrite)
+
+
+def _train_lm(cfg: LMConfig, resume: bool, target: Path) -> dict:
+    """`train_lm` writing into `cfg.out` (the run directory, or a staging folder that becomes `target`)."""
     if resume and (cfg.out / "metrics.json").is_file():
         return json.loads((cfg.out / "metrics.json").read_text(encoding="utf-8"))  # already complete
     procs, device = launch(cfg.seed, cfg.device, cfg.batch_size)
@@ -93,7 +102,8 @@ def train_lm(cfg: LMConfig, resume: bool = False) -> dict:
     for g in groups:
         g["base_lr"] = g["lr"]
     config = {
-        "format_version": FORMAT_VERSION, "objective": "lm", "train": asdict(cfg), "model_location": location,
+        "format_version": FORMAT_VERSION, "objective": "lm", "train": {**asdict(cfg), "out": str(target)},
+        "model_location": location,
         "task": "lm", "fingerprint": fingerprint, "train_tokens": int(blocks_.numel()),
         "eval_tokens": int(eval_stream.numel()), "method_config": method.config(), "versions": versions(),
     }
@@ -115,7 +125,9 @@ def train_lm(cfg: LMConfig, resume: bool = False) -> dict:
         "train_text_files": [str(p) for p in cfg.text_files], "train_tokens": int(blocks_.numel()),
         "trainable_params": trainable_params, "total_params": dense_params,
         "train_seconds": st.t_train, "seconds_per_step": st.t_train / max(st.step, 1),
-        "peak_memory_mb": peak_memory_mb(device), "device": str(device), "complete": True,
+        "steady_seconds_per_step": st.steady_seconds_per_step,
+        "peak_memory_mb": st.peak_mb if st.peak_mb is not None else peak_memory_mb(device), "device": str(device),
+        "complete": True,
         "resumed_from_step": ckpt["step"] if ckpt is not None else None, "processes": procs.world,
         **method.summary(model),
     }, procs)

@@ -22,19 +22,21 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
-from ..core.model import gate_parameters, gated_layers
+from ..core.distributed import Processes, all_finite, barrier, broadcast, local_slice, processes, wrap
+from ..core.model import gate_trace
+from ..data.outputs import Kind, output_folder
 from ..data.files import append_jsonl, write_json
 from .checkpoint import CHECKPOINT, RunError, nonfinite, restore_checkpoint, save_checkpoint, save_trainable, truncate_log
-from .distributed import Processes, all_finite, barrier, broadcast, local_slice, wrap
 from .methods.registry import Method
 from .plan import LoopState, Plan
-from .runtime import autocast
+from .progress import Progress
+from .runtime import autocast, peak_memory_mb
 
 
 class TrainingError(RuntimeError):
@@ -42,6 +44,7 @@ class TrainingError(RuntimeError):
 
 
 MAX_NONFINITE_IN_A_ROW = 10  # with skip_nonfinite: more than this means the run has diverged
+WARM_STEPS = 3  # `steady_seconds_per_step` leaves out each process's first steps (allocator, kernel choice)
 
 
 class Objective:
@@ -68,6 +71,15 @@ class Objective:
     def describe(self, record: dict) -> str:
         """The line printed after an evaluation."""
         return ""
+
+
+def in_run_folder(train, cfg, kind: Kind, inputs: tuple, resume: bool, overwrite: bool) -> dict:
+    """`train(cfg, resume, target)` with `cfg.out` the folder the output rule gives (data/outputs.py):
+    the run directory itself when new, empty or resumed; else a staging folder that replaces the
+    target (`overwrite`) only once the run is complete. `target` is where the run will be."""
+    procs = processes(cpu=cfg.device == "cpu")
+    with output_folder(cfg.out, kind, inputs=inputs, resume=resume, overwrite=overwrite, procs=procs) as folder:
+        return train(replace(cfg, out=folder), resume, cfg.out)
 
 
 def start_run_dir(out: Path, ckpt: dict | None, procs: Processes, config: dict) -> None:
@@ -114,10 +126,10 @@ def fit(model: nn.Module, method: Method, groups: list[dict], objective: Objecti
     start_run_dir(plan.out, ckpt, procs, config)
     last_ckpt = st.step if ckpt is not None else None
     clipped = [p for g in groups if g.get("clip", True) for p in g["params"]]
-    bar = tqdm(total=plan.total_steps, initial=st.step, desc=plan.desc, disable=not (plan.progress and procs.main),
-               dynamic_ncols=True)
+    bar = Progress(plan.total_steps, st.step, plan.desc, plan.progress and procs.main, plan.log_every)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    first_step, warm = st.step, None  # steady timing starts after this process's WARM_STEPS
     t_start = time.perf_counter()
     while st.step < plan.total_steps:
         if plan.time_limit_s and time.perf_counter() - t_start > plan.time_limit_s:
@@ -139,17 +151,17 @@ def fit(model: nn.Module, method: Method, groups: list[dict], objective: Objecti
         logs = {**method_logs, **logs}
         loss = loss if extra is None else loss + extra
         optimizer.zero_grad(set_to_none=True)
-        bad = None if all_finite(loss, procs) else f"loss is {loss.item()} (task loss {task_loss.item():.4g})"
-        if bad is None:
-            loss.backward()  # a clip at inf measures the norm and scales by exactly 1
-            norm = torch.nn.utils.clip_grad_norm_(clipped, plan.grad_clip if plan.grad_clip > 0 else math.inf)
-            bad = None if torch.isfinite(norm) else f"gradient norm is {norm.item()}"
+        loss.backward()  # a clip at inf measures the norm and scales by exactly 1
+        norm = torch.nn.utils.clip_grad_norm_(clipped, plan.grad_clip if plan.grad_clip > 0 else math.inf)
+        # the step's one host synchronisation: all processes agree to step or to skip
+        bad = None if all_finite(torch.stack([loss.detach(), norm.to(loss.dtype)]), procs) else _why(loss, task_loss, norm)
         if bad is None:
             optimizer.step()
             st.in_a_row = 0
         else:
             st.skipped, st.in_a_row = st.skipped + 1, st.in_a_row + 1
             optimizer.zero_grad(set_to_none=True)
+            method.discard_step(model)
             if not plan.skip_nonfinite or st.in_a_row >= MAX_NONFINITE_IN_A_ROW:
                 bar.close()
                 why = (f"{bad} at step {st.step}, {st.in_a_row} non-finite batches in a row: training diverged"
@@ -161,13 +173,16 @@ def fit(model: nn.Module, method: Method, groups: list[dict], objective: Objecti
             torch.cuda.synchronize(device)
         st.t_train += time.perf_counter() - t0
         st.step += 1
-        st.task_loss, st.logs = task_loss.item(), logs
-        bar.update(1)
+        warm = (st.step, st.t_train) if st.step == first_step + WARM_STEPS else warm
+        if st.step == plan.total_steps:
+            st.peak_mb = peak_memory_mb(device)  # training's peak, before the last evaluation
+        bar.update(lambda: {"loss": f"{task_loss.item():.3f}", **method.progress()})
         if procs.main and plan.trace_every and (st.step % plan.trace_every == 0 or st.step == 1):
             lr = {"lr": optimizer.param_groups[0]["lr"]} if plan.lr_factor is not None else {}
-            append_jsonl(plan.out / "trace.jsonl", {"step": st.step, "task_loss": st.task_loss, **lr, **logs,
-                                                    **method.progress(), **_gate_trace(model)})
+            append_jsonl(plan.out / "trace.jsonl", {"step": st.step, "task_loss": task_loss.item(), **lr,
+                                                    **_floats(logs), **method.progress(), **gate_trace(model)})
         if st.step in plan.eval_at or st.step == plan.total_steps:
+            st.task_loss, st.logs = task_loss.item(), _floats(logs)
             record = broadcast(objective.evaluate(model, st) if procs.main else None, procs)
             record = {"step": st.step, **record, **method.progress()}
             st.history.append(record)
@@ -185,9 +200,9 @@ def fit(model: nn.Module, method: Method, groups: list[dict], objective: Objecti
                 save_checkpoint(plan.out, step=st.step, model=model, optimizer=optimizer, method=method, generator=gen,
                                 fingerprint=fingerprint, loop=st.as_dict())
             last_ckpt = st.step
-        if plan.progress and st.step % 10 == 0:  # progress() may sync the GPU: not every step
-            bar.set_postfix(loss=f"{st.task_loss:.3f}", **method.progress())
     bar.close()
+    if warm is not None and st.step > warm[0]:
+        st.steady_seconds_per_step = (st.t_train - warm[1]) / (st.step - warm[0])
     return st
 
 
@@ -213,16 +228,15 @@ def _check_finite(model: nn.Module, step: int, out: Path, last_ckpt: int | None)
         raise TrainingError(_stopped(out, f"trained tensor {bad[0]} is not finite at step {step}", last_ckpt))
 
 
-def _gate_trace(model) -> dict:
-    """Gate-value quantiles and gradient norm: the internals the recipe study plots."""
-    thetas = gate_parameters(model)
-    if not thetas:
-        return {}
-    with torch.no_grad():
-        vals = torch.cat([g.values().flatten() for m in gated_layers(model) for g in m.gates().values()]).float().cpu()
-        grads = [p.grad for p in thetas if p.grad is not None]
-        gnorm = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads))) if grads else 0.0
-    q = torch.quantile(vals, torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95])).tolist()
-    return {"gate_q": [round(x, 4) for x in q], "gate_closed": float((vals <= 0).float().mean()),
-            "gate_grad_norm": gnorm,
-            "gate_hist": torch.histc(vals, bins=20, min=0.0, max=1.0).int().tolist()}
+def _why(loss: torch.Tensor, task_loss: torch.Tensor, norm: torch.Tensor) -> str:
+    """What made a step non-finite (read back only when one is)."""
+    if not torch.isfinite(loss):
+        return f"loss is {loss.item()} (task loss {task_loss.item():.4g})"
+    if not torch.isfinite(norm):
+        return f"gradient norm is {norm.item()}"
+    return "the loss or gradient of another process is not finite"
+
+
+def _floats(logs: dict) -> dict:
+    """Per-step log values stay on the device until a trace line or a record is written."""
+    return {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in logs.items()}

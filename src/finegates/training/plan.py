@@ -22,6 +22,7 @@ class Plan:
     skip_nonfinite: bool = False
     trace_every: int = 0
     progress: bool = True
+    log_every: int = 50  # progress statistics every N steps (each read waits for the device)
     time_limit_s: float | None = None  # stop early (then the caller evaluates and saves)
     lr_factor: Callable[[int, dict], float] | None = None  # step, param group -> factor of its "base_lr"
     betas: tuple[float, float] = (0.9, 0.999)
@@ -40,8 +41,10 @@ class LoopState:
     skipped: int = 0
     in_a_row: int = 0
     stopped_early: bool = False
-    task_loss: float = float("nan")  # of the last step
-    logs: dict = field(default_factory=dict)  # the last step's logged scalars (penalty, lambda, ...)
+    task_loss: float = float("nan")  # of the last step before an evaluation
+    logs: dict = field(default_factory=dict)  # that step's logged scalars (penalty, lambda, ...)
+    peak_mb: float | None = None  # training's peak memory (before the last evaluation)
+    steady_seconds_per_step: float | None = None  # after this process's first steps (loop.WARM_STEPS)
     data: str | None = None  # fingerprint of the training data: a resumed run must see the same
 
     def as_dict(self) -> dict:

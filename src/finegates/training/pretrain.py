@@ -54,10 +54,11 @@ import torch.nn as nn
 from ..compression.exact import linear_params, predicted_kept
 from ..core.model import apply_gates, count_params, gate_parameters, gate_state_dict
 from ..data.files import append_jsonl, write_json
+from ..data.outputs import PRETRAIN_RUN
 from ..data.text import eval_ids, pack, tokenize_files
 from .checkpoint import CHECKPOINT, FORMAT_VERSION, RunError, model_fingerprint, read_checkpoint, read_run_config, save_trainable
 from .lm import LanguageModelling
-from .loop import fit
+from .loop import fit, in_run_folder
 from .plan import LoopState, Plan
 from .methods.registry import Method
 from .perplexity import check_window
@@ -272,8 +273,15 @@ def config_from_run(run_dir) -> PretrainConfig:
 
 
 # ---- training ---------------------------------------------------------------------------------------
-def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
-    """Train from scratch, validate every `eval_every` steps, test at the end, write RUN_DIR."""
+def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False) -> dict:
+    """Train from scratch, validate every `eval_every` steps, test at the end, write RUN_DIR (new,
+    empty or resumed; `overwrite=True` replaces an earlier run once the new one is complete)."""
+    inputs = (cfg.model_config, *cfg.text_files, cfg.valid_text_file, cfg.test_text_file, cfg.tokenizer)
+    return in_run_folder(_pretrain, cfg, PRETRAIN_RUN, inputs, resume, overwrite)
+
+
+def _pretrain(cfg: PretrainConfig, resume: bool, target: Path) -> dict:
+    """`pretrain` writing into `cfg.out` (the run directory, or a staging folder that becomes `target`)."""
     from transformers import AutoTokenizer
 
     procs, device = launch(cfg.seed, cfg.device, cfg.batch_size)
@@ -314,7 +322,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
 
     run_config = {
         "format_version": FORMAT_VERSION, "objective": "lm", "task": "lm",
-        "train": {**asdict(cfg), "method": f"pretrain-{cfg.mode}", "eval_text_file": cfg.valid_text_file},
+        "train": {**asdict(cfg), "out": str(target), "method": f"pretrain-{cfg.mode}",
+                  "eval_text_file": cfg.valid_text_file},
         "model_location": "model", "method_config": method.config(),  # relative: the run's own folder
         "model_config": config.to_dict(), "train_tokens": int(blocks_.numel()), "versions": versions(),
     }

@@ -39,7 +39,7 @@ import torch.nn as nn
 
 from ..core.arch import blocks, spec_for
 from ..core.coupling import DELETABLE_SIDE, MLP_ROLES, BlockLayout, keep, kept_params, mlp_unit_cost
-from .distributed import all_mean
+from ..core.distributed import all_mean
 from .schedules import cubic
 from ..core.gates import Gate, GatedLinear
 
@@ -183,13 +183,14 @@ class Regularizer(nn.Module):
                     continue
                 soft.append(p[name].flatten())
                 score.append(v[name].flatten())
-                cost.append(torch.full_like(v[name].flatten(), c))
+                cost.append(torch.full_like(v[name].flatten(), c))  # c < 2^24: exact in float32
         soft, score, cost = torch.cat(soft), torch.cat(score), torch.cat(cost)
-        order = torch.argsort(score)
-        cum = torch.cumsum(cost[order], 0)
-        k = int(torch.searchsorted(cum, self.target * total)) + 1
-        chosen = order[:k]
-        return (soft[chosen] * cost[chosen]).sum() / cost[chosen].sum()
+        order = torch.argsort(score, stable=True)
+        soft, cost = soft[order], cost[order].double()  # float64: integer costs summed exactly
+        chosen = _first_covering(cost, self.target * total)
+        chosen[0] = True  # at least the lowest-ranked unit
+        cost = cost.to(soft.dtype) * chosen
+        return (soft * cost).sum() / cost.sum()
 
     # ---- taylor: close by importance ---------------------------------------------------------
     def _unit_gates(self, gated: dict[str, GatedLinear]) -> list[Gate]:
@@ -209,24 +210,26 @@ class Regularizer(nn.Module):
         if step >= self.cfg.start_step and self.cfg.sparsity > 0.0:
             self._close_to_target()
 
+    def discard_taylor(self) -> None:
+        """Drop the Taylor terms of a skipped (non-finite) batch."""
+        for *_, gates in self.unit_blocks:
+            for g in gates:
+                g.pop_taylor()
+
     @torch.no_grad()
     def _close_to_target(self) -> None:
-        need = (self.target - self.removed_fraction()) * self.dense  # parameters still to delete
-        if need <= 0:
-            return
+        """Without reading anything back from the device: the units to close are a mask."""
+        need = (self.target - (1.0 - self.kept_fraction(hard=True).double())) * self.dense  # parameters to delete
         open_, cost = [], []
         for lay, gated, _ in self.unit_blocks:
             units = keep(self._open(gated, hard=True), lay)["mlp"] > 0
             open_.append(units)
-            cost.append(torch.full(units.shape, float(mlp_unit_cost(lay)), device=units.device))
+            cost.append(torch.full(units.shape, float(mlp_unit_cost(lay)), device=units.device, dtype=torch.float64))
         open_, cost = torch.cat(open_), torch.cat(cost)
-        candidates = torch.nonzero(open_).flatten()
-        if candidates.numel() == 0:
-            return
-        order = candidates[torch.argsort(self.importance[candidates])]
-        k = int(torch.searchsorted(torch.cumsum(cost[order], 0), need)) + 1
-        chosen = torch.zeros_like(open_)
-        chosen[order[:k]] = True
+        # open units by importance (ties by position), closed ones last and free
+        order = torch.argsort(self.importance.masked_fill(~open_, math.inf), stable=True)
+        ranked = _first_covering(cost[order] * open_[order], need) & open_[order]
+        chosen = torch.zeros_like(open_).scatter(0, order, ranked)
         start = 0
         for lay, _, gates in self.unit_blocks:
             mask = chosen[start:start + lay.intermediate]
@@ -270,3 +273,9 @@ class Regularizer(nn.Module):
         self.target = float(state["target"])
         if "importance" in state:
             self.importance = state["importance"].to(self.layers[0].base.weight.device)
+
+
+def _first_covering(cost: torch.Tensor, need) -> torch.Tensor:
+    """Mask of the shortest prefix of `cost` whose sum reaches `need` (all of it if none does; none
+    if need <= 0): the units before which less than `need` was covered."""
+    return (torch.cumsum(cost, 0) - cost) < need

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import torch
 
-from .distributed import processes
+from ..core.distributed import processes
 
 
 def pick_device(name: str) -> torch.device:

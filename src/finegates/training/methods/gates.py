@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-
 from ...core.model import (
     apply_gates, count_gate_params, gate_parameters, gated_layers, gated_off_fraction, head_parameters,
     open_fractions,
@@ -74,13 +73,16 @@ class GatesMethod(Method):
         gate_ids = {id(p) for p in gate_parameters(model)}
         head_ids = {id(p) for p in head_parameters(model)}
         weight_ids = {id(m.base.weight) for m in gated_layers(model) if m.base.weight.requires_grad}
+        adapter_ids = {id(p) for m in gated_layers(model) if m.lora_A is not None for p in (m.lora_A, m.lora_B)}
         gates = [p for p in model.parameters() if id(p) in gate_ids]
         head = [p for p in model.parameters() if p.requires_grad and id(p) in head_ids]
         weights = [p for p in model.parameters() if id(p) in weight_ids]
-        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in gate_ids | head_ids | weight_ids]
+        adapters = [p for p in model.parameters() if id(p) in adapter_ids]
+        rest = [p for p in model.parameters()
+                if p.requires_grad and id(p) not in gate_ids | head_ids | weight_ids | adapter_ids]
         groups = [{"params": gates, "lr": self.recipe.gate_lr, "name": "gates"}]
         for params, lr, name in ((head, self.recipe.head_lr, "head"), (rest, self.recipe.bias_lr, "biases"),
-                                 (weights, self.recipe.weight_lr, "weights")):
+                                 (weights, self.recipe.weight_lr, "weights"), (adapters, self.recipe.adapter_lr, "adapters")):
             if params:
                 groups.append({"params": params, "lr": lr, "name": name})
         return groups
@@ -90,12 +92,15 @@ class GatesMethod(Method):
         self._last = {"lambda": lam, "target": self.reg.target}
         if self.distiller is not None:
             feat = self.distiller.loss(batch)
-            self._last["distill"] = float(feat.detach())
+            self._last["distill"] = feat.detach()  # read back only when a trace line is written
             penalty = penalty + feat
         return penalty, self._last
 
     def after_step(self, model, step) -> None:
         self.reg.after_step(step)  # schedule taylor closes units here
+
+    def discard_step(self, model) -> None:
+        self.reg.discard_taylor()
 
     def finish(self, model) -> None:
         if self.distiller is not None:

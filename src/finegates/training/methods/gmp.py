@@ -4,7 +4,7 @@ Every weight trains (as full finetuning). The weights of the transformer blocks'
 are pruned by magnitude, unstructured, on the cubic schedule of Zhu & Gupta (2017) up to
 `--sparsity`: every `freq` steps the mask zeroes the smallest |w|, and after every optimizer step
 the pruned weights are set back to 0. The loss adds the SquareHead feature distillation from the
-dense teacher (the model before training, `finegates.distill`).
+dense teacher (the model before training, `training/distill.py`).
 """
 
 from __future__ import annotations

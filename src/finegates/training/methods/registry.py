@@ -36,6 +36,9 @@ class Method:
     def after_step(self, model: nn.Module, step: int) -> None:
         """Hook after the optimizer step (masks, schedules)."""
 
+    def discard_step(self, model: nn.Module) -> None:
+        """A skipped (non-finite) batch: forget what its backward pass gathered."""
+
     def summary(self, model: nn.Module) -> dict:
         """Method-specific entries for metrics.json."""
         return {}

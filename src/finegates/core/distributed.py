@@ -89,6 +89,17 @@ def broadcast(obj, procs: Processes):
     return box[0]
 
 
+def gather(obj, procs: Processes) -> list:
+    """`obj` of every rank, in rank order (e.g. each GPU's peak memory, which only its own process sees)."""
+    if not procs.active:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * procs.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier(procs: Processes) -> None:
     if procs.active:
         import torch.distributed as dist

@@ -1,0 +1,129 @@
+"""The gated linear's own autograd node (gated_linear.py) against the composition it replaces.
+
+gradcheck in float64, and every gradient (input, gates, weight, bias) equal to autograd's through
+`z_r * linear(z_c * x)`: to fp64 round-off in float64, to fp32/bf16 round-off in fp32 and under
+bf16 autocast. On CPU, and on CUDA where there is one.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from finegates.core.gated_linear import gated_linear
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# which of (x, weight, bias, z_r, z_c) need a gradient: fast (frozen weights, bias trains), finetune, gates only
+NEEDS = {
+    "fast": (True, False, True, True, True),
+    "finetune": (True, True, True, True, True),
+    "gates_only": (False, False, False, True, True),
+}
+
+
+def _reference(x, w, b, z_r, z_c):
+    """The composition GatedLinear.forward used to be."""
+    if z_c is not None:
+        x = x * z_c.to(x.dtype)
+    y = F.linear(x, w, b)
+    return y if z_r is None else y * z_r.to(y.dtype)
+
+
+def _inputs(device, dtype, needs, bias=True, rows=True, cols=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(2, 5, 7), (6, 7), (6,), (6,), (7,)]
+    made = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    made[3] = made[3].sigmoid()  # gate values in (0, 1)
+    made[4] = made[4].sigmoid()
+    keep = (True, True, bias, rows, cols)
+    return [t.to(device, dtype).requires_grad_(n) if k else None for t, n, k in zip(made, needs, keep)]
+
+
+def _grads(fn, inputs, dy):
+    for t in inputs:
+        if t is not None:
+            t.grad = None
+    y = fn(*inputs)
+    y.backward(dy)
+    return y.detach(), [None if t is None or t.grad is None else t.grad.clone() for t in inputs]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("needs", NEEDS.values(), ids=NEEDS.keys())
+def test_gradcheck_float64(device, needs):
+    inputs = _inputs(device, torch.float64, needs)
+    assert torch.autograd.gradcheck(gated_linear, inputs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("needs", NEEDS.values(), ids=NEEDS.keys())
+@pytest.mark.parametrize("sides", [(True, True, True), (False, True, False), (True, False, True)],
+                         ids=["bias-rows-cols", "rows", "bias-cols"])
+def test_same_gradients_as_the_composition_float64(device, needs, sides):
+    bias, rows, cols = sides
+    inputs = _inputs(device, torch.float64, needs, bias, rows, cols)
+    dy = torch.randn(2, 5, 6, dtype=torch.float64, device=device)
+    y_ref, g_ref = _grads(_reference, inputs, dy)
+    y, g = _grads(gated_linear, inputs, dy)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    for name, a, b in zip(("x", "weight", "bias", "z_r", "z_c"), g, g_ref):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("needs", NEEDS.values(), ids=NEEDS.keys())
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_same_gradients_as_the_composition_fp32_and_autocast(device, needs, autocast):
+    """Same casts in the same order as autocast makes for the composition: same values, same dtypes."""
+    inputs = _inputs(device, torch.float32, needs)
+    dy_dtype = torch.bfloat16 if autocast else torch.float32
+    dy = torch.randn(2, 5, 6, device=device).to(dy_dtype)
+    results = []
+    for fn in (_reference, gated_linear):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            results.append(_grads(fn, inputs, dy))
+    (y_ref, g_ref), (y, g) = results
+    assert y.dtype == y_ref.dtype == dy_dtype
+    tol = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(y, y_ref, **tol)
+    for name, a, b in zip(("x", "weight", "bias", "z_r", "z_c"), g, g_ref):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert a.dtype == b.dtype, name
+            torch.testing.assert_close(a, b, **tol, msg=name)
+
+
+def test_frozen_weights_run_no_weight_gradient_matmul():
+    """With frozen weights the backward runs one matmul (the input gradient), and none at all when
+    the input needs no gradient either (the first gated layer over frozen embeddings)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def matmuls(needs) -> int:
+        inputs = _inputs("cpu", torch.float32, needs)
+        y = gated_linear(*inputs)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            y.sum().backward()
+        return sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::bmm", "aten::addmm"))
+
+    assert matmuls(NEEDS["fast"]) == 1
+    assert matmuls(NEEDS["gates_only"]) == 1  # dL/dz_c needs W^T(z_r dy); no dx, no dW
+    assert matmuls((False, False, True, True, False)) == 0  # rows and bias only: no matmul
+    assert matmuls(NEEDS["finetune"]) == 2
+
+
+def test_saves_no_copy_of_the_input():
+    """The input is saved by reference: the node keeps the caller's tensor, not a scaled copy."""
+    x, w, b, z_r, z_c = _inputs("cpu", torch.float32, NEEDS["fast"])
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        gated_linear(x, w, b, z_r, z_c)
+    big = [t for t in saved if t.dim() == 3]
+    assert len(big) == 2  # x itself and the pre-gate output
+    assert any(t.data_ptr() == x.data_ptr() for t in big)
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        gated_linear(x, w, b, z_r.detach(), z_c)  # fixed row gates: their gradient's operand is not kept
+    assert [t.data_ptr() for t in saved if t.dim() == 3] == [x.data_ptr()]
