@@ -14,8 +14,11 @@ finetuning's lr under gates that start fully open, and gates close by decision r
 each step the least important MLP units (by their gates' Taylor scores) are closed outright, up to
 the same cubic schedule (regularizer.py, "taylor"). It matches full finetuning at 40% removed where
 `fast` loses 3-7 points on SST-2 and RTE, at the cost of training every weight (a run file the size of the model).
+`frozen` (section 9) keeps the pretrained weights frozen like `fast` but closes units like
+`finetune`, and gives the gates a rank-4 update of q and v to scale (merged before compression):
+level with LoRA at base scale, which the gates alone are not.
 
-Both rank MLP units only by default: closed attention dims spread over heads save little CPU time
+All rank MLP units only by default: closed attention dims spread over heads save little CPU time
 (compressed heads are padded to one width per layer), closed MLP units save exactly their share
 (study round 6); `--prune-units` widens `fast`'s.
 """
