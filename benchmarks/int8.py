@@ -41,7 +41,7 @@ def predictions(forward, batches: list[dict]) -> np.ndarray:
 
 def scores(run_dir: Path, compressed_dir: Path, onnx: dict[str, Path]) -> dict[str, dict]:
     """Dev metrics of every variant (all dev examples)."""
-    from finegates import metrics as M
+    from finegates.data import metrics as M
     from finegates.loaders import load_any
     from finegates.export import ort_feed, ort_session
     from finegates.loaders import load_tokenizer

@@ -163,7 +163,7 @@ def memory_worker(args: dict) -> dict:
 def peak_memory(model_path, cfg: BenchConfig, onnx_path=None) -> dict:
     args = {"model": str(model_path), "threads": cfg.threads, "batch": cfg.batch, "seq": cfg.seq,
             "onnx": str(onnx_path) if onnx_path else None}
-    code = "import json,sys; from finegates.bench import memory_worker; print(json.dumps(memory_worker(json.loads(sys.argv[1]))))"
+    code = "import json,sys; from finegates.bench.latency import memory_worker; print(json.dumps(memory_worker(json.loads(sys.argv[1]))))"
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads), "TRANSFORMERS_VERBOSITY": "error"}
     out = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True, env=env)
     if out.returncode != 0:
