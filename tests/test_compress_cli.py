@@ -58,3 +58,8 @@ def test_compress_export_bench_from_a_run(tmp_path):
         assert key in bench
     assert bench["onnx_mb"]["compressed-int8"] < bench["onnx_mb"]["compressed"]
     assert bench["params"]["compressed"]["params"] == report["params_compressed"]
+
+    # peak memory is read in a fresh process per model (that process imports the worker by its path)
+    _cli("bench", model_dir, "--runs", "1", "--warmup", "0", "--batch", "1", "--seq", "8", "--json", tmp_path / "mem.json")
+    memory = json.loads((tmp_path / "mem.json").read_text())
+    assert all(memory["memory_mb"][k]["peak_rss_mb"] > 0 for k in ("dense", "compressed")), memory["memory_mb"]
