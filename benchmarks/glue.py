@@ -68,6 +68,11 @@ def cmd_run(args) -> None:
     from benchmarks.runner import run_grid
 
     cfg = json.loads(Path(args.config).read_text())
+    if args.methods:
+        unknown = set(args.methods.split(",")) - set(cfg["methods"])
+        if unknown:
+            raise SystemExit(f"glue run: --methods names {', '.join(sorted(unknown))}, not in {args.config}")
+        cfg["methods"] = {k: v for k, v in cfg["methods"].items() if k in args.methods.split(",")}
     leading = json.loads(Path(args.leading).read_text()) if args.leading else None
     print(json.dumps(run_grid(build_jobs(cfg, Path(args.out), args.model, Path(args.glue), leading),
                               args.parallel, args.deadline, Path(args.out) / "_logs", args.kill), indent=2))
@@ -325,6 +330,7 @@ def main() -> None:
     r.add_argument("--kill", type=float, default=None, help="seconds after which running runs are killed "
                    "(they resume from their last checkpoint next time); default: --deadline")
     r.add_argument("--leading", default=None, help="JSON {method: {task: lr}}: run these lrs first within a seed")
+    r.add_argument("--methods", default=None, help="comma-separated subset of the config's methods (default: all)")
     r.set_defaults(fn=cmd_run)
     add_report_parser(sub, cmd_report, runs="runs/glue", results="benchmarks/results/glue.json",
                       figures="benchmarks/results/figures")

@@ -46,24 +46,26 @@ def run_one(job: dict, threads: int) -> None:
     train(TrainConfig(**job))
 
 
-def measure(method: str, recipe: str | None, args, runs: Path, round_: int) -> dict:
+def measure(method: str, recipe: str | None, graphs: bool, args, runs: Path, round_: int) -> dict:
     from finegates.training.loop import WARM_STEPS
 
-    out = runs / f"{method}-{recipe or 'default'}-{round_}"
+    out = runs / f"{method}-{recipe or 'default'}-{'graphs' if graphs else 'eager'}-{round_}"
     job = {"out": str(out), "model": args.model, "task": "rte", "data_dir": str(Path(args.glue) / "RTE"),
            "method": method, "recipe": recipe or "finetune", "max_steps": args.steps + WARM_STEPS,
            "batch_size": args.batch_size, "max_length": args.max_length, "eval_limit": 16, "device": args.device,
-           "seed": 0, "log_every": max(1, args.steps // 4)}
+           "seed": 0, "log_every": max(1, args.steps // 4), "cuda_graphs": graphs}
     t0 = time.perf_counter()
     code = subprocess.run([sys.executable, "-m", "benchmarks.train_cost", "--one", json.dumps(job),
                            "--threads", str(args.threads)], env=job_env()).returncode
     if code != 0:
         raise SystemExit(f"train_cost: {method} {recipe or ''} failed (exit {code}); its output is above")
     m = json.loads((out / "metrics.json").read_text())
-    row = {"method": method, "recipe": recipe, "round": round_, "device": m["device"],
+    row = {"method": method, "recipe": recipe, "cuda_graphs": graphs, "graph_steps": m.get("graph_steps", 0),
+           "round": round_, "device": m["device"],
            "seconds_per_step": m["steady_seconds_per_step"], "peak_memory_mb": m["peak_memory_mb"],
            "wall_seconds": time.perf_counter() - t0}
-    print(f"[train_cost] round {round_} {method} {recipe or ''}: {row['seconds_per_step']:.4f} s/step, "
+    print(f"[train_cost] round {round_} {method} {recipe or ''} {'graphs' if graphs else 'eager'}: "
+          f"{row['seconds_per_step']:.4f} s/step ({row['graph_steps']} steps replayed), "
           f"peak {row['peak_memory_mb']:.0f} MB ({row['wall_seconds']:.0f} s with loading)", flush=True)
     return row
 
@@ -75,11 +77,12 @@ def _name(method: str, recipe: str | None) -> str:
 def summarise(rows: list[dict], chosen: list, args) -> list[dict]:
     """One row per method: medians over the rounds (the per-round values kept beside them)."""
     out = []
-    for method, recipe in chosen:
-        mine = [r for r in rows if r["method"] == method and r["recipe"] == recipe]
+    for method, recipe, graphs in chosen:
+        mine = [r for r in rows if (r["method"], r["recipe"], r["cuda_graphs"]) == (method, recipe, graphs)]
         sps = statistics.median(r["seconds_per_step"] for r in mine)
         out.append({"device": mine[0]["device"], "model": args.model or "minilm", "method": method,
-                    "recipe": recipe, "batch_size": args.batch_size, "max_length": args.max_length,
+                    "recipe": recipe, "cuda_graphs": graphs, "graph_steps": mine[0]["graph_steps"],
+                    "batch_size": args.batch_size, "max_length": args.max_length,
                     "seconds_per_step": sps, "samples_per_second": args.batch_size / sps,
                     "peak_memory_mb": statistics.median(r["peak_memory_mb"] for r in mine),
                     "steps": args.steps, "rounds_seconds_per_step": [r["seconds_per_step"] for r in mine],
@@ -89,13 +92,19 @@ def summarise(rows: list[dict], chosen: list, args) -> list[dict]:
 
 def checks(summary: list[dict]) -> list[str]:
     """The issue's done-when comparisons, as measured (no verdict is written that was not measured)."""
-    by = {(r["method"], r["recipe"]): r for r in summary}
+    by = {(r["method"], r["recipe"], r["cuda_graphs"]): r for r in summary}
     pairs = [("fast / LoRA seconds per step", ("gates", "fast"), ("lora", None), "seconds_per_step"),
              ("fast / LoRA peak memory", ("gates", "fast"), ("lora", None), "peak_memory_mb"),
              ("frozen / LoRA seconds per step", ("gates", "frozen"), ("lora", None), "seconds_per_step"),
              ("frozen / LoRA peak memory", ("gates", "frozen"), ("lora", None), "peak_memory_mb"),
              ("finetune / full finetuning seconds per step", ("gates", "finetune"), ("full", None), "seconds_per_step")]
-    return [f"{text}: {by[a][key] / by[b][key]:.2f}" for text, a, b, key in pairs if a in by and b in by]
+    out = []
+    for text, a, b, key in pairs:  # each method in the same mode (both eager, or both replayed)
+        for graphs in (False, True):
+            if (*a, graphs) in by and (*b, graphs) in by:
+                mode = "CUDA graphs" if graphs else "eager"
+                out.append(f"{text} ({mode}): {by[(*a, graphs)][key] / by[(*b, graphs)][key]:.2f}")
+    return out
 
 
 def markdown(summary: list[dict], meta: dict) -> str:
@@ -108,11 +117,13 @@ def markdown(summary: list[dict], meta: dict) -> str:
              f"{meta['steps']} timed steps after {meta['warm_steps']} warm-up steps, "
              f"{regime}; "
              f"median of {meta['rounds']} interleaved round(s). {meta['note']}".rstrip(), "",
-             f"| method | recipe | seconds/step | samples/s | {memory}, MB | s/step per round |",
-             "|---|---|---:|---:|---:|---|"]
+             f"| method | recipe | steps | seconds/step | samples/s | {memory}, MB | s/step per round |",
+             "|---|---|---|---:|---:|---:|---|"]
     for r in summary:
         rounds = ", ".join(f"{s:.3f}" for s in r["rounds_seconds_per_step"])
-        lines.append(f"| {r['method']} | {r['recipe'] or ''} | {r['seconds_per_step']:.3f} | {r['samples_per_second']:.1f} | "
+        mode = "CUDA graph" if r["graph_steps"] else "eager"
+        lines.append(f"| {r['method']} | {r['recipe'] or ''} | {mode} | {r['seconds_per_step']:.3f} | "
+                     f"{r['samples_per_second']:.1f} | "
                      f"{r['peak_memory_mb']:,.0f} | {rounds} |")
     return "\n".join(lines + ["", *(f"- {c}" for c in checks(summary))]) + "\n"
 
@@ -141,6 +152,9 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--methods", default=",".join(_name(m, r) for m, r in METHODS),
                    help="comma-separated subset, e.g. gates:fast,lora (default: all)")
+    p.add_argument("--cuda-graphs", choices=("on", "off", "both"), default="both",
+                   help="on a GPU: steps replayed as CUDA graphs (finegates train --cuda-graphs), eager steps "
+                   "(the default of finegates train), or both")
     p.add_argument("--note", default="", help="a sentence for the table's header (e.g. that the machine was shared)")
     p.add_argument("--results", default="benchmarks/results/train_cost.json", help="JSON to write (.md beside it)")
     p.add_argument("--runs", default=None, help="keep the run directories here (default: a temporary folder)")
@@ -150,16 +164,17 @@ def main() -> None:
         return run_one(json.loads(args.one), args.threads)
     from finegates.training.loop import WARM_STEPS
 
-    chosen = [(m, r) for m, r in METHODS if _name(m, r) in args.methods.split(",")]
+    modes = {"on": (True,), "off": (False,), "both": (False, True)}[args.cuda_graphs] if args.device != "cpu" else (False,)
+    chosen = [(m, r, g) for m, r in METHODS if _name(m, r) in args.methods.split(",") for g in modes]
     if not chosen:
         raise SystemExit(f"train_cost: --methods names none of {', '.join(_name(m, r) for m, r in METHODS)}")
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            for method, recipe in chosen:
-                rows.append(measure(method, recipe, args, Path(args.runs or tmp), r))
+            for method, recipe, graphs in chosen:
+                rows.append(measure(method, recipe, graphs, args, Path(args.runs or tmp), r))
                 # after every run: a command cut off by a time limit still leaves what it measured
-                md = report(rows, [c for c in chosen if any(_name(x["method"], x["recipe"]) == _name(*c) for x in rows)],
+                md = report(rows, [c for c in chosen if any((x["method"], x["recipe"], x["cuda_graphs"]) == c for x in rows)],
                             args, WARM_STEPS)
     print(md, flush=True)
 

@@ -127,3 +127,37 @@ def test_saves_no_copy_of_the_input():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         gated_linear(x, w, b, z_r.detach(), z_c)  # fixed row gates: their gradient's operand is not kept
     assert [t.data_ptr() for t in saved if t.dim() == 3] == [x.data_ptr()]
+
+
+def _adapter_reference(x, w, b, z_r, z_c, a, bb, scale=0.5):
+    """The composition GatedLinear used for `W' = z_r (W + s B A) z_c` before the update moved into the node."""
+    xs = x * z_c.to(x.dtype)
+    u = scale * F.linear(F.linear(xs, a.to(xs.dtype)), bb.to(xs.dtype))
+    return _reference(x, w, b, z_r, z_c) + u * z_r.to(u.dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("needs", [NEEDS["fast"], NEEDS["gates_only"]], ids=["fast", "gates_only"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["float64", "bf16-autocast"])
+def test_the_low_rank_update_inside_the_node(device, needs, autocast):
+    """dL/dA, dL/dB and every other gradient as the composition gives them (the frozen recipe's layer)."""
+    dtype = torch.float32 if autocast else torch.float64
+    inputs = _inputs(device, dtype, needs)
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(3, 7, generator=g, dtype=torch.float64).to(device, dtype).requires_grad_(True)
+    bb = torch.randn(6, 3, generator=g, dtype=torch.float64).to(device, dtype).requires_grad_(True)
+    dy = torch.randn(2, 5, 6, dtype=torch.float64, device=device).to(torch.bfloat16 if autocast else dtype)
+    if not autocast:
+        assert torch.autograd.gradcheck(lambda *t: gated_linear(*t, scale=0.5), (*inputs, a, bb))
+    results = []
+    for fn in (_adapter_reference, lambda *t: gated_linear(*t, scale=0.5)):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            results.append(_grads(fn, [*inputs, a, bb], dy))
+    (y_ref, g_ref), (y, grads) = results
+    tol = {"rtol": 3e-2, "atol": 3e-2} if autocast else {"rtol": 1e-12, "atol": 1e-12}
+    torch.testing.assert_close(y, y_ref, **tol)
+    for name, u, v in zip(("x", "weight", "bias", "z_r", "z_c", "A", "B"), grads, g_ref):
+        assert (u is None) == (v is None), name
+        if u is not None:
+            assert u.dtype == v.dtype, name
+            torch.testing.assert_close(u, v, **tol, msg=name)

@@ -204,6 +204,9 @@ def compress(model: nn.Module) -> nn.Module:
     model.config.finegates = {"format_version": FORMAT_VERSION, "task_class": type(model).__name__, "layers": plans}
     if hasattr(model, "finegates_config"):
         del model.finegates_config
+    bank = model.__dict__.pop("finegates_bank", None)  # its gates are gone
+    if bank is not None:
+        bank.remove()
     return model.eval()  # the new modules start in training mode
 
 

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .gated_linear import gated_linear
 
@@ -50,6 +49,18 @@ class GateParam:
             raise ValueError("gate noise/init std must be >= 0 and reg_sigma > 0")
 
 
+def mean(theta: torch.Tensor, param: GateParam) -> torch.Tensor:
+    return torch.tanh(theta) if param.mean_fn == "tanh" else theta
+
+
+def sample(theta: torch.Tensor, param: GateParam, training: bool) -> torch.Tensor:
+    """Gate values: clamp(mu + 0.5 + noise, 0, 1), with the noise only in training."""
+    shifted = mean(theta, param) + OFFSET
+    if training and param.noise_std > 0:
+        shifted = shifted + param.noise_std * torch.randn_like(shifted)
+    return shifted.clamp(0.0, 1.0)
+
+
 class Gate(nn.Module):
     """One vector of stochastic gates."""
 
@@ -57,8 +68,11 @@ class Gate(nn.Module):
         super().__init__()
         self.param = param
         self.theta = nn.Parameter(torch.empty(size))
-        self.taylor: torch.Tensor | None = None  # with `track_taylor`: sum of z * dL/dz since the last read
+        # with `track_taylor`: sum of z * dL/dz since the last reset, accumulated in place in one buffer
+        # (allocated by the first backward pass), so a step replayed as a CUDA graph adds to it too
+        self.taylor: torch.Tensor | None = None
         self.track_taylor = False
+        self.pending: torch.Tensor | None = None  # this forward's values, from the model's GateBank
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -67,14 +81,14 @@ class Gate(nn.Module):
 
     @property
     def mu(self) -> torch.Tensor:
-        return torch.tanh(self.theta) if self.param.mean_fn == "tanh" else self.theta
+        return mean(self.theta, self.param)
 
     def forward(self) -> torch.Tensor:
-        """The gate values for this forward pass (noisy in training mode)."""
-        shifted = self.mu + OFFSET
-        if self.training and self.param.noise_std > 0:
-            shifted = shifted + self.param.noise_std * torch.randn_like(shifted)
-        z = shifted.clamp(0.0, 1.0)
+        """The gate values for this forward pass (noisy in training mode): the ones the model's
+        `GateBank` computed for every gate at once, else computed here."""
+        z, self.pending = self.pending, None
+        if z is None:
+            z = sample(self.theta, self.param, self.training)
         if self.track_taylor and z.requires_grad:
             z.register_hook(self._taylor_hook(z.detach()))
         return z
@@ -86,15 +100,21 @@ class Gate(nn.Module):
         gets no gradient) is still measured.
         """
         def hook(grad: torch.Tensor) -> None:
-            term = (z * grad).float()
-            self.taylor = term if self.taylor is None else self.taylor + term
+            if self.taylor is None:
+                self.taylor = torch.zeros_like(self.theta, dtype=torch.float32)
+            self.taylor.add_(z * grad)
         return hook
 
-    def pop_taylor(self) -> torch.Tensor:
-        """The Taylor terms gathered since the last call (zeros when no backward pass ran)."""
-        out = self.taylor if self.taylor is not None else torch.zeros_like(self.theta, dtype=torch.float32)
-        self.taylor = None
-        return out.detach()
+    def taylor_sum(self) -> torch.Tensor:
+        """The Taylor terms gathered since the last `reset_taylor` (zeros when no backward pass ran):
+        the buffer itself, which the next backward pass adds to."""
+        if self.taylor is None:
+            self.taylor = torch.zeros_like(self.theta, dtype=torch.float32)
+        return self.taylor
+
+    def reset_taylor(self) -> None:
+        if self.taylor is not None:
+            self.taylor.zero_()
 
     @torch.no_grad()
     def close(self, mask: torch.Tensor) -> None:
@@ -117,6 +137,41 @@ class Gate(nn.Module):
 
     def extra_repr(self) -> str:
         return f"size={self.theta.numel()}, mean_fn={self.param.mean_fn}"
+
+
+class GateBank:
+    """Every gate of a model sampled in one pass at the start of each training forward.
+
+    Why: sampled gate by gate, MPNet-base's 144 gate vectors cost a few small kernels each (mean,
+    shift, noise, clamp, and their backward) per step, which on a GPU is host time, not GPU time.
+    Concatenated, the same arithmetic is a handful of kernels for all of them. A forward pre-hook
+    of the model hands each gate its slice (`Gate.pending`); a forward hook drops what a forward
+    did not use, so no value outlives its forward pass.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.groups: dict[GateParam, list[Gate]] = {}
+        for g in model.modules():
+            if isinstance(g, Gate):
+                self.groups.setdefault(g.param, []).append(g)
+        self.handles = [model.register_forward_pre_hook(self._sample), model.register_forward_hook(self._drop)]
+
+    def _sample(self, model: nn.Module, args) -> None:
+        if not (model.training and torch.is_grad_enabled()):
+            return  # evaluation: each gate's deterministic value, computed where it is used
+        for param, gates in self.groups.items():
+            z = sample(torch.cat([g.theta for g in gates]), param, training=True)
+            for g, zg in zip(gates, z.split([g.theta.numel() for g in gates])):
+                g.pending = zg
+
+    def _drop(self, model: nn.Module, args, output) -> None:
+        for gates in self.groups.values():
+            for g in gates:
+                g.pending = None
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 class GatedLinear(nn.Module):
@@ -183,17 +238,8 @@ class GatedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z_r = None if self.row_gate is None else self.row_gate()
         z_c = None if self.col_gate is None else self.col_gate()
-        y = gated_linear(x, self.base.weight, self.base.bias, z_r, z_c)
-        if self.lora_A is not None:
-            y = y + self._update(x, z_r, z_c)
-        return y
-
-    def _update(self, x: torch.Tensor, z_r: torch.Tensor | None, z_c: torch.Tensor | None) -> torch.Tensor:
-        """`z_r * s B A (z_c x)`: the low-rank term of `W' = z_r (W + s B A) z_c`, kept outside the
-        fused node (it is linear in W, so the two terms add; autograd sums both paths' dL/dz)."""
-        xs = x if z_c is None else x * z_c.to(x.dtype)
-        u = self.adapter_scale * F.linear(F.linear(xs, self.lora_A.to(xs.dtype)), self.lora_B.to(xs.dtype))
-        return u if z_r is None else u * z_r.to(u.dtype)
+        return gated_linear(x, self.base.weight, self.base.bias, z_r, z_c, self.lora_A, self.lora_B,
+                            self.adapter_scale)  # W' = z_r (W + s B A) z_c, in one node
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:

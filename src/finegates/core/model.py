@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from .arch import ArchSpec, blocks, get_submodule, spec_for
-from .gates import TRAINING_ONLY, Gate, GatedLinear, GateParam
+from .gates import TRAINING_ONLY, Gate, GateBank, GatedLinear, GateParam
 
 
 @dataclass
@@ -125,6 +125,7 @@ def apply_gates(model: nn.Module, cfg: GateConfig | None = None) -> nn.Module:
         for p in head_parameters(model, spec):
             p.requires_grad_(True)
     model.finegates_config = cfg
+    model.finegates_bank = GateBank(model)  # every gate sampled in one pass per training forward
     return model
 
 
@@ -201,6 +202,9 @@ def load_gate_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
 
 def merge_gates(model: nn.Module) -> nn.Module:
     """Bake evaluation gates into plain `nn.Linear` layers (PEFT's merge_and_unload), in place."""
+    bank = model.__dict__.pop("finegates_bank", None)
+    if bank is not None:
+        bank.remove()
     for name, module in list(model.named_modules()):
         if isinstance(module, GatedLinear):
             _set_submodule(model, name, module.merged())

@@ -23,7 +23,8 @@ def load_task(cfg) -> tuple[TaskSpec, list[Example], dict[str, list[Example]]]:
 
 
 class Encoded:
-    """Tokenized examples; batches are padded to their own longest sequence."""
+    """Tokenized examples; batches are padded to their own longest sequence, or to `max_length`
+    with `full_length` (one shape for every batch: what a step replayed as a CUDA graph needs)."""
 
     def __init__(self, examples: list[Example], tokenizer, max_length: int, regression: bool) -> None:
         columns = list(zip(*[e.texts for e in examples]))
@@ -37,7 +38,8 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.features)
 
-    def batch(self, idx) -> dict[str, torch.Tensor]:
-        b = self.tokenizer.pad([self.features[i] for i in idx], return_tensors="pt")
+    def batch(self, idx, full_length: bool = False) -> dict[str, torch.Tensor]:
+        padding = {"padding": "max_length", "max_length": self.max_length} if full_length else {}
+        b = self.tokenizer.pad([self.features[i] for i in idx], return_tensors="pt", **padding)
         b["labels"] = self.labels[idx]
         return dict(b)

@@ -43,8 +43,12 @@ class Classification(Objective):
         self.eval_batch_size, self.device, self.steps_per_epoch = cfg.eval_batch_size, device, steps_per_epoch
         self.name, self.n_examples = f"{cfg.method} {spec.name}", len(train)
 
+    @property
+    def graph_safe(self) -> bool:
+        return self.teacher is None  # the teacher's logits are looked up by example index, on the host
+
     def batch(self, idx, device):
-        return {k: v.to(device) for k, v in self.data.batch(idx).items()}
+        return {k: v.to(device) for k, v in self.data.batch(idx, full_length=self.static_shapes).items()}
 
     def loss(self, runner: nn.Module, batch: dict, idx: list[int]):
         loss, task_loss, out, logs = super().loss(runner, batch, idx)
@@ -125,7 +129,7 @@ def _train(cfg: TrainConfig, resume: bool, target: Path) -> dict:
         "dev": final["dev"], "score": final["score"], "best": {"step": best["step"], "dev": best["dev"]},
         "trainable_params": trainable_params, "total_params": dense_params,
         "train_seconds": st.t_train, "seconds_per_step": st.t_train / max(st.step, 1),
-        "steady_seconds_per_step": st.steady_seconds_per_step, "peak_memory_mb": peak,
+        "steady_seconds_per_step": st.steady_seconds_per_step, "graph_steps": st.graph_steps, "peak_memory_mb": peak,
         "peak_memory_mb_per_process": gather(peak, procs), "device": str(device), "skipped_nonfinite": st.skipped,
         "resumed_from_step": ckpt["step"] if ckpt is not None else None,
         "processes": procs.world, "samples_per_second": st.step * cfg.batch_size / max(st.t_train, 1e-9),

@@ -63,6 +63,9 @@ class RunConfig:
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
     log_every: int = field(default=50, metadata={
         "help": "Progress statistics every N steps (a plain line when not on a terminal)."})
+    cuda_graphs: bool = field(default=False, metadata={
+        "help": "On one GPU, replay each training step as a CUDA graph (batches padded to one length; "
+        "steps that cannot be replayed run eagerly). Experimental: verified for BERT so far."})
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -104,7 +107,7 @@ class RunConfig:
         return Plan(out=self.out, total_steps=total_steps, batch_size=self.batch_size, eval_at=eval_at,
                     seed=self.seed, checkpoint_every=self.checkpoint_every, grad_clip=self.grad_clip,
                     skip_nonfinite=self.skip_nonfinite, trace_every=self.trace_every, progress=self.progress,
-                    log_every=self.log_every, **more)
+                    log_every=self.log_every, cuda_graphs=self.cuda_graphs, **more)
 
 
 @dataclass

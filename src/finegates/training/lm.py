@@ -37,6 +37,8 @@ from .schedules import lr_lambda
 class LanguageModelling(Objective):
     """Blocks of a token stream, the causal-LM loss, sliding-window perplexity on held-out text."""
 
+    graph_safe = True  # fixed-length blocks, the model's own loss
+
     def __init__(self, blocks: torch.Tensor, eval_stream: torch.Tensor, window: int, stride: int,
                  eval_batch_size: int, amp: bool = True, progress: bool = False, name: str = "lm",
                  steps_per_epoch: int = 1) -> None:
@@ -125,7 +127,7 @@ def _train_lm(cfg: LMConfig, resume: bool, target: Path) -> dict:
         "train_text_files": [str(p) for p in cfg.text_files], "train_tokens": int(blocks_.numel()),
         "trainable_params": trainable_params, "total_params": dense_params,
         "train_seconds": st.t_train, "seconds_per_step": st.t_train / max(st.step, 1),
-        "steady_seconds_per_step": st.steady_seconds_per_step,
+        "steady_seconds_per_step": st.steady_seconds_per_step, "graph_steps": st.graph_steps,
         "peak_memory_mb": st.peak_mb if st.peak_mb is not None else peak_memory_mb(device), "device": str(device),
         "complete": True,
         "resumed_from_step": ckpt["step"] if ckpt is not None else None, "processes": procs.world,

@@ -36,6 +36,7 @@ from .checkpoint import CHECKPOINT, RunError, nonfinite, restore_checkpoint, sav
 from .methods.registry import Method
 from .plan import LoopState, Plan
 from .progress import Progress
+from .step_graph import StepReplayer
 from .runtime import autocast, peak_memory_mb
 
 
@@ -52,6 +53,8 @@ class Objective:
 
     name = "objective"  # the progress bar's label
     n_examples = 0  # the loop draws batches of indices into 0..n_examples-1
+    graph_safe = False  # whether `loss` is device work only, so a step can be a CUDA graph (step_graph.py)
+    static_shapes = False  # set by the loop when it replays steps: every full batch must have one shape
 
     def batch(self, idx: list[int], device: torch.device) -> dict[str, torch.Tensor]:
         """The model inputs (with labels) of the examples `idx`, on `device`."""
@@ -113,7 +116,8 @@ def fit(model: nn.Module, method: Method, groups: list[dict], objective: Objecti
     `groups`: the optimizer's parameter groups (method.prepare); `config`: config.json of a fresh
     run; `data`: the training data's fingerprint, checked against a resumed checkpoint."""
     runner = wrap(model, procs)  # DDP over several processes (distributed.py), the model itself otherwise
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0, betas=plan.betas)
+    # foreach: one multi-tensor update per group, not a Python loop over (hundreds of) gate vectors
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0, betas=plan.betas, foreach=True)
     gen = torch.Generator().manual_seed(plan.seed)
     st = LoopState(data=data)
     if ckpt is not None:
@@ -127,6 +131,7 @@ def fit(model: nn.Module, method: Method, groups: list[dict], objective: Objecti
     last_ckpt = st.step if ckpt is not None else None
     clipped = [p for g in groups if g.get("clip", True) for p in g["params"]]
     bar = Progress(plan.total_steps, st.step, plan.desc, plan.progress and procs.main, plan.log_every)
+    replayer = _replayer(model, method, objective, plan, procs, device, bar)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     first_step, warm = st.step, None  # steady timing starts after this process's WARM_STEPS
@@ -142,16 +147,21 @@ def fit(model: nn.Module, method: Method, groups: list[dict], objective: Objecti
         if plan.lr_factor is not None:
             for g in optimizer.param_groups:  # not the dicts passed in: loading a checkpoint replaces them
                 g["lr"] = g["base_lr"] * plan.lr_factor(st.step, g)
-        model.train()
+        if not model.training:
+            model.train()
         t0 = time.perf_counter()
         local = local_slice(idx, procs)
+        method.before_step(model, st.step)
         batch = objective.batch(local, device)
-        loss, task_loss, out, logs = objective.loss(runner, batch, local)
-        extra, method_logs = method.extra_loss(model, st.step, batch, out)
-        logs = {**method_logs, **logs}
-        loss = loss if extra is None else loss + extra
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # a clip at inf measures the norm and scales by exactly 1
+        step_fn = _step_fn(runner, model, objective, method, local, st.step)
+        done = replayer.step(step_fn, batch, method.graph_key(st.step)) if replayer is not None else None
+        if done is None:
+            optimizer.zero_grad(set_to_none=True)
+            done = step_fn(batch)
+        else:
+            st.graph_steps += 1
+        loss, task_loss, logs = done
+        # a clip at inf measures the norm and scales by exactly 1
         norm = torch.nn.utils.clip_grad_norm_(clipped, plan.grad_clip if plan.grad_clip > 0 else math.inf)
         # the step's one host synchronisation: all processes agree to step or to skip
         bad = None if all_finite(torch.stack([loss.detach(), norm.to(loss.dtype)]), procs) else _why(loss, task_loss, norm)
@@ -204,6 +214,28 @@ def fit(model: nn.Module, method: Method, groups: list[dict], objective: Objecti
     if warm is not None and st.step > warm[0]:
         st.steady_seconds_per_step = (st.t_train - warm[1]) / (st.step - warm[0])
     return st
+
+
+def _step_fn(runner, model, objective: Objective, method: Method, local: list[int], step: int):
+    """One step's forward and backward on a batch: (loss, task loss, logs), all left on the device."""
+    def run(batch: dict) -> tuple:
+        loss, task_loss, out, logs = objective.loss(runner, batch, local)
+        extra, method_logs = method.extra_loss(model, step, batch, out)
+        loss = loss if extra is None else loss + extra
+        loss.backward()
+        return loss.detach(), task_loss.detach(), {**method_logs, **logs}
+    return run
+
+
+def _replayer(model: nn.Module, method: Method, objective: Objective, plan: Plan, procs: Processes,
+              device: torch.device, bar: Progress) -> StepReplayer | None:
+    """Steps replayed as CUDA graphs (step_graph.py) where they can be: one process on a GPU, an
+    objective whose loss is device work only; None runs every step eagerly."""
+    if not (plan.cuda_graphs and device.type == "cuda" and procs.world == 1 and objective.graph_safe):
+        return None
+    objective.static_shapes = True
+    params = [p for p in model.parameters() if p.requires_grad]
+    return StepReplayer(params, lambda: method.discard_step(model), plan.batch_size, bar.write)
 
 
 def finish_run_dir(out: Path, metrics: dict, procs: Processes) -> dict:

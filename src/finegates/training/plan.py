@@ -27,6 +27,7 @@ class Plan:
     lr_factor: Callable[[int, dict], float] | None = None  # step, param group -> factor of its "base_lr"
     betas: tuple[float, float] = (0.9, 0.999)
     save_at_eval: bool = True  # write trainable.safetensors at each evaluation
+    cuda_graphs: bool = False  # on one GPU, replay steps as CUDA graphs where the objective and method allow
     desc: str = "train"
 
 
@@ -45,6 +46,7 @@ class LoopState:
     logs: dict = field(default_factory=dict)  # that step's logged scalars (penalty, lambda, ...)
     peak_mb: float | None = None  # training's peak memory (before the last evaluation)
     steady_seconds_per_step: float | None = None  # after this process's first steps (loop.WARM_STEPS)
+    graph_steps: int = 0  # steps replayed as a CUDA graph (step_graph.py)
     data: str | None = None  # fingerprint of the training data: a resumed run must see the same
 
     def as_dict(self) -> dict:

@@ -212,7 +212,7 @@ class PretrainGates(Method):
         if self.reg is None:
             return None, {"penalty": 0.0}
         penalty = self.reg(step)[0]
-        return penalty, {"penalty": penalty.item()}
+        return penalty, {"penalty": penalty.detach()}  # read back only when a trace line is written
 
     def progress(self) -> dict:
         return {"removed": f"{self.reg.removed_fraction():.2f}"} if self.reg is not None else {}

@@ -101,6 +101,8 @@ class Regularizer(nn.Module):
         self.dense = sum(lay.dense_params() for lay, _ in self.blocks)
         self.lam = cfg.lam
         self.target = cfg.sparsity
+        self._scalars: torch.Tensor | None = None  # [lambda, target] on the device, refilled by `set_step`
+        self._closed_to: float | None = None  # schedule taylor: the target units were last closed to
         self.importance: torch.Tensor | None = None  # schedule taylor: one score per MLP unit, all blocks
         # schedule taylor: the blocks whose MLP units have gates, and those gates
         self.unit_blocks = [(lay, gated, gates) for lay, gated in self.blocks if (gates := self._unit_gates(gated))]
@@ -187,8 +189,8 @@ class Regularizer(nn.Module):
         soft, score, cost = torch.cat(soft), torch.cat(score), torch.cat(cost)
         order = torch.argsort(score, stable=True)
         soft, cost = soft[order], cost[order].double()  # float64: integer costs summed exactly
-        chosen = _first_covering(cost, self.target * total)
-        chosen[0] = True  # at least the lowest-ranked unit
+        chosen = _first_covering(cost, self._device_scalars()[1] * total)
+        chosen[:1] = True  # at least the lowest-ranked unit (a slice: no host-to-device copy)
         cost = cost.to(soft.dtype) * chosen
         return (soft * cost).sum() / cost.sum()
 
@@ -203,18 +205,20 @@ class Regularizer(nn.Module):
         open units until the hard removed fraction reaches this step's scheduled target."""
         if self.cfg.schedule != "taylor":
             return
-        scores = torch.cat([sum(g.pop_taylor() for g in gates) for *_, gates in self.unit_blocks])
+        scores = torch.cat([sum(g.taylor_sum() for g in gates) for *_, gates in self.unit_blocks])
+        self.discard_taylor()
         sq = all_mean(scores) ** 2  # every process closes the same units
         decay = self.cfg.importance_decay
         self.importance = sq if self.importance is None else decay * self.importance + (1.0 - decay) * sq
-        if step >= self.cfg.start_step and self.cfg.sparsity > 0.0:
-            self._close_to_target()
+        if step >= self.cfg.start_step and self.cfg.sparsity > 0.0 and self.target != self._closed_to:
+            self._close_to_target()  # closed units stay closed: at an unchanged target there is nothing to close
+            self._closed_to = self.target
 
     def discard_taylor(self) -> None:
         """Drop the Taylor terms of a skipped (non-finite) batch."""
         for *_, gates in self.unit_blocks:
             for g in gates:
-                g.pop_taylor()
+                g.reset_taylor()
 
     @torch.no_grad()
     def _close_to_target(self) -> None:
@@ -249,13 +253,41 @@ class Regularizer(nn.Module):
 
     def forward(self, step: int) -> tuple[torch.Tensor, float]:
         """(lambda * R, lambda) for this step; zero before `start_step`."""
+        self.set_step(step)
+        return self.term(step), self.lam if self.penalised(step) else 0.0
+
+    def set_step(self, step: int) -> None:
+        """The host's part of a step, before its forward pass: this step's target and lambda, also
+        written to the device scalars the penalty reads (so a step replayed as a CUDA graph sees them)."""
         if self.cfg.schedule != "none":
             self.target = self.scheduled_target(step)  # 0 until start_step: the bar shows the warm-up
-        if step < self.cfg.start_step or self.cfg.sparsity == 0.0 or self.cfg.schedule == "taylor":
-            return torch.zeros((), device=self.layers[0].base.weight.device), 0.0
-        if self.cfg.controller:
+        if self.penalised(step) and self.cfg.controller:
             self._update_lambda(step)
-        return self.lam * self.penalty(), self.lam
+        scalars = self._device_scalars()
+        scalars[0].fill_(self.lam)  # fills with a host value: no read-back
+        scalars[1].fill_(self.target)
+
+    def penalised(self, step: int) -> bool:
+        """Whether the penalty applies at `step` (what a captured step's computation depends on)."""
+        return step >= self.cfg.start_step and self.cfg.sparsity > 0.0 and self.cfg.schedule != "taylor"
+
+    def term(self, step: int) -> torch.Tensor:
+        """lambda * R on the device, with the lambda and target `set_step` wrote; zero when not penalised."""
+        if not self.penalised(step):
+            return torch.zeros((), device=self.layers[0].base.weight.device)
+        penalty = self.penalty()
+        return self._device_scalars()[0].to(penalty.dtype) * penalty
+
+    def scalars(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lambda, target) as device tensors: what this step's penalty used."""
+        scalars = self._device_scalars()
+        return scalars[0], scalars[1]
+
+    def _device_scalars(self) -> torch.Tensor:
+        device = self.layers[0].base.weight.device
+        if self._scalars is None or self._scalars.device != device:
+            self._scalars = torch.tensor([self.lam, self.target], device=device, dtype=torch.float64)  # target: exact
+        return self._scalars
 
     def _update_lambda(self, step: int) -> None:
         error = (self.target - self.removed_fraction()) / max(self.cfg.sparsity, 1e-6)

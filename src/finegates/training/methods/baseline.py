@@ -36,6 +36,7 @@ class Baseline(Method):
     default_lr: float = 1e-3
     default_head_lr: float | None = None
     distills: bool = False  # whether --distill squarehead is supported
+    graphable: bool = False  # whether a step may be replayed as a CUDA graph (no host work in it)
 
     def __init__(self) -> None:
         self.opts = None
@@ -73,7 +74,10 @@ class Baseline(Method):
         if self.distiller is None:
             return None, {}
         loss = self.distiller.loss(batch)
-        return loss, {"distill": float(loss.detach())}
+        return loss, {"distill": loss.detach()}  # read back only when a trace line is written
+
+    def graph_key(self, step):
+        return () if self.graphable and self.distiller is None else None
 
     def config(self) -> dict:
         return {"name": self.name, "rebuild": "dense", "lr": self.lr, "head_lr": self.head_lr,

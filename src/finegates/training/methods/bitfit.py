@@ -13,6 +13,7 @@ class BitFitMethod(Baseline):
     {1e-4, 4e-4, 7e-4, 1e-3} on GLUE with BERT; 1e-3 is its usual pick for small tasks."""
 
     name = "bitfit"
+    graphable = True
     default_lr = 1e-3
 
     def setup(self, model, cfg, total_steps):

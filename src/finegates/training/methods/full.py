@@ -21,6 +21,7 @@ class FullMethod(Baseline):
     distillation from the pretrained model (off by default)."""
 
     name = "full"
+    graphable = True
     Options = FullOptions
     default_lr = 2e-5
     distills = True

@@ -32,7 +32,6 @@ class GatesMethod(Method):
     def __init__(self) -> None:
         self.reg: Regularizer | None = None
         self.recipe: Recipe | None = None
-        self._last: dict = {}
         self.distiller = None  # SquareHead from the dense model (--distill squarehead)
 
     def resolve_recipe(self, cfg: "TrainConfig", total_steps: int) -> Recipe:
@@ -87,14 +86,21 @@ class GatesMethod(Method):
                 groups.append({"params": params, "lr": lr, "name": name})
         return groups
 
+    def before_step(self, model, step) -> None:
+        self.reg.set_step(step)  # this step's target and lambda, on the host and in device scalars
+
     def extra_loss(self, model, step, batch, outputs):
-        penalty, lam = self.reg(step)
-        self._last = {"lambda": lam, "target": self.reg.target}
+        penalty = self.reg.term(step)
+        lam, target = self.reg.scalars()  # device tensors, read back only when a trace line is written
+        logs = {"lambda": lam if self.reg.penalised(step) else 0.0, "target": target}
         if self.distiller is not None:
             feat = self.distiller.loss(batch)
-            self._last["distill"] = feat.detach()  # read back only when a trace line is written
+            logs["distill"] = feat.detach()
             penalty = penalty + feat
-        return penalty, self._last
+        return penalty, logs
+
+    def graph_key(self, step):
+        return None if self.distiller is not None else ("penalised", self.reg.penalised(step))
 
     def after_step(self, model, step) -> None:
         self.reg.after_step(step)  # schedule taylor closes units here

@@ -39,6 +39,7 @@ class LoraMethod(Baseline):
     RoBERTa-base GLUE range is 4e-4 to 5e-4)."""
 
     name = "lora"
+    graphable = True
     Options = LoraOptions
     default_lr = 5e-4
 

@@ -29,9 +29,21 @@ class Method:
         """Modify `model` in place; return optimizer parameter groups."""
         raise NotImplementedError
 
+    def before_step(self, model: nn.Module, step: int) -> None:
+        """The host's part of a step, before its forward pass (schedules that set this step's values)."""
+
     def extra_loss(self, model: nn.Module, step: int, batch: dict, outputs) -> tuple[torch.Tensor | None, dict]:
-        """An extra loss term and scalars to log for this step (`outputs` of the model on `batch`)."""
+        """An extra loss term and scalars to log for this step (`outputs` of the model on `batch`).
+
+        Device work only, when `graph_key` is not None: a step replayed as a CUDA graph runs its
+        kernels again but not its Python, so a value that changes between steps must live in a
+        device tensor that `before_step` refills; logged values likewise (tensors, not floats)."""
         return None, {}
+
+    def graph_key(self, step: int):
+        """What this step's forward and backward depend on besides tensors' values (a new key
+        captures the step again), or None when the step cannot be replayed as a CUDA graph."""
+        return None
 
     def after_step(self, model: nn.Module, step: int) -> None:
         """Hook after the optimizer step (masks, schedules)."""

@@ -1,0 +1,148 @@
+"""A training step's forward and backward, captured once as a CUDA graph and replayed.
+
+Why: on a GPU, a base-size model's step at batch 16 x 128 is bound by the host, not the device.
+MPNet-base with gates issues thousands of small kernels per step (each gate's noise and clamp, the
+gated matmuls' scalings, casts, LayerNorms), and Python issues them more slowly than the GPU runs
+them: 0.135 s per step, where LoRA, with fewer kernels, takes 0.047 (benchmarks/results/
+train_cost_gpu.md, before this module). A CUDA graph records a step's kernels once and replays them
+in one call (PyTorch's "whole-network capture"), so a step costs what the GPU does.
+
+What a graph needs, and where the loop provides it:
+- fixed shapes: the objective pads every batch to one length (`Objective.static_shapes`); a batch
+  of another shape (an epoch's short last batch) runs eagerly;
+- no host values that change inside the step: the method refills its device scalars in
+  `Method.before_step` and says what else its step depends on (`Method.graph_key`: a new key
+  captures again, None runs eagerly);
+- gradients in fixed buffers: the graph writes the ones it allocated when captured, and `run`
+  points each parameter's `.grad` at them again (an eager step in between replaces them).
+Clipping, the finite check and the optimizer step stay outside the graph, as in the eager step.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+WARMUP = 2  # eager passes before capture: lazily made state (cuBLAS workspaces, buffers) exists by then
+
+
+def shapes(batch: dict[str, torch.Tensor]) -> tuple:
+    """What a captured step's inputs must match: every tensor's name, shape and dtype."""
+    return tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(batch.items()))
+
+
+class StepGraph:
+    """One captured step: `fn(batch)` runs forward and backward and returns what the loop reads."""
+
+    def __init__(self, fn: Callable[[dict], tuple], batch: dict[str, torch.Tensor], params: list[torch.Tensor],
+                 discard: Callable[[], None], key) -> None:
+        device = next(iter(batch.values())).device
+        self.key, self.params = key, params
+        self.static = {k: v.clone() for k, v in batch.items()}
+        self.constants = PinnedConstants()
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side), self.constants:  # eager passes: host tensors sent to the GPU are pinned now
+            for _ in range(WARMUP):
+                _clear(params)
+                fn(self.static)
+        torch.cuda.current_stream(device).wait_stream(side)
+        discard()  # what the warm-up passes gathered (Taylor sums) belongs to no step
+        _clear(params)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), self.constants.capturing():
+            self.outputs = fn(self.static)
+        self.grads = [p.grad for p in params]  # the graph's gradient buffers (None: a parameter it does not reach)
+
+    def run(self, batch: dict[str, torch.Tensor]) -> tuple:
+        """This batch's step: its inputs copied into the graph's, the step replayed, the gradients in `.grad`."""
+        for k, v in batch.items():
+            self.static[k].copy_(v, non_blocking=True)
+        self.graph.replay()
+        for p, g in zip(self.params, self.grads):
+            p.grad = g
+        return self.outputs
+
+
+class PinnedConstants(torch.overrides.TorchFunctionMode):
+    """Host-to-device copies of a captured step, made from pinned host memory.
+
+    A capture allows a host-to-device copy only from pinned memory, and model code makes such
+    copies: transformers' attention-mask code (`torch.tensor(0.0, device=...)`), MPNet's relative
+    position buckets in some transformers versions (computed on the host, then `.to(device)`).
+    Within a step of fixed shapes their data is a constant of the code (shapes, not batch values:
+    the batch is on the device already), so the graph may copy it again from the same pinned
+    buffer at each replay. Host tensors sent to the device are pinned during the eager warm-up
+    passes (no pinned allocation inside a capture) and found again by their content while
+    capturing; one not seen in warm-up goes through unchanged (the capture then fails cleanly and
+    the loop runs eagerly). The buffers live as long as the graph (this object is kept with it).
+
+    Verified on an H200 for BERT (tests/test_step_graph.py); MPNet under transformers 5.17, whose
+    buckets go to the device by `.to`, is not yet (capture failed there before this record-and-
+    reuse; see docs/gpu.md).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pinned: dict[tuple, torch.Tensor] = {}  # content -> its pinned copy
+        self.recording = True
+
+    def capturing(self) -> "PinnedConstants":
+        self.recording = False
+        return self
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        device = kwargs.get("device")
+        if func is torch.tensor and device is not None and torch.device(device).type == "cuda":
+            key = ("tensor", repr(args), repr(sorted(kwargs.items())))
+            if self.recording and key not in self.pinned:
+                self.pinned[key] = torch.tensor(*args, **{**kwargs, "device": "cpu"}).pin_memory()
+            if not self.recording and key in self.pinned:
+                return self.pinned[key].to(device, non_blocking=True)
+        if func is torch.Tensor.to and args and args[0].device.type == "cpu" and args[0].numel() <= 1 << 20:
+            host = args[0].detach()
+            key = (host.dtype, tuple(host.shape), host.contiguous().numpy().tobytes())
+            if not self.recording and key in self.pinned:  # an asynchronous copy: a capture cannot wait
+                return func(self.pinned[key], *args[1:], **{**kwargs, "non_blocking": True})
+            out = func(*args, **kwargs)
+            if self.recording and out.device.type == "cuda":
+                self.pinned.setdefault(key, host.pin_memory())
+            return out
+        return func(*args, **kwargs)
+
+
+def _clear(params: list[torch.Tensor]) -> None:
+    for p in params:
+        p.grad = None
+
+
+class StepReplayer:
+    """The loop's side: replays the current graph, captures a new one when the key changes, and says
+    when a step must run eagerly (returns None): another batch size, a method key of None, or a
+    capture that failed (the model does something a graph cannot hold; said once, then eager)."""
+
+    def __init__(self, params: list[torch.Tensor], discard: Callable[[], None], batch_size: int,
+                 say: Callable[[str], None]) -> None:
+        self.params, self.discard, self.batch_size, self.say = params, discard, batch_size, say
+        self.current: StepGraph | None = None
+        self.failed = False
+        self.captures = 0
+
+    def step(self, fn: Callable[[dict], tuple], batch: dict[str, torch.Tensor], method_key) -> tuple | None:
+        if self.failed or method_key is None or next(iter(batch.values())).shape[0] != self.batch_size:
+            return None
+        key = (shapes(batch), method_key)
+        if self.current is None or self.current.key != key:
+            self.current = None  # the old graph's memory goes before the new one is captured
+            try:
+                self.current = StepGraph(fn, batch, self.params, self.discard, key)
+            except RuntimeError as e:
+                self.failed = True
+                self.discard()
+                _clear(self.params)
+                self.say(f"CUDA graph capture failed ({str(e).splitlines()[0][:160]}); training steps run eagerly")
+                return None
+            self.captures += 1
+        return self.current.run(batch)
