@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.smollm2_lm import CORPORA, SHARED, TEST, log  # noqa: E402
+from benchmarks.smollm2_lm import CORPORA, cpu_session, SHARED, TEST, log  # noqa: E402
 
 MARKERS = (" @-@ ", " @,@ ", " @.@ ", " , ", " . ")
 PERPLEXITY_TEXTS = {  # name -> (file under SHARED, drop <unk>)
@@ -55,14 +55,10 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "lm_text.json"))
     args = p.parse_args(argv)
-    sys.path.insert(0, str(ROOT / "src"))
-    from benchmarks.report import git_commit, write_results
-    from benchmarks.runner import quiet
-
-    quiet()
+    cpu_session(args.threads)
     import torch
 
-    torch.set_num_threads(args.threads)
+    from benchmarks.report import git_commit, write_results
     from finegates.bench.latency import machine_info
     from finegates.data.text import tokenize_files
     from finegates.loaders import load_causal_lm, load_tokenizer, resolve

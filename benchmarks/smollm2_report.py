@@ -13,9 +13,8 @@ import tarfile
 import time
 from pathlib import Path
 
-from benchmarks.runner import quiet  # noqa: E402
 from benchmarks.smollm2_gpu import _logit_check  # noqa: E402
-from benchmarks.smollm2_lm import ROOT, SCRIPT, STRIDE, TEST, WINDOW, env, log  # noqa: E402
+from benchmarks.smollm2_lm import SCRIPT, STRIDE, TEST, WINDOW, cpu_session, env, log  # noqa: E402
 
 
 def _rebuild(run_dir: Path, folder: str):
@@ -35,11 +34,7 @@ def _rebuild(run_dir: Path, folder: str):
 
 
 def cmd_bench_one(args) -> None:
-    sys.path.insert(0, str(ROOT / "src"))
-    quiet()
-    import torch
-
-    torch.set_num_threads(args.threads)
+    cpu_session(args.threads)
     from finegates.bench.decoder import bench_generation
     from finegates.loaders import load_causal_lm, load_tokenizer
 
@@ -87,12 +82,8 @@ def _unpack(dirs: list[str], tmp: Path) -> tuple[dict, list[tuple[dict, Path]]]:
 
 
 def cmd_report(args) -> None:
-    sys.path.insert(0, str(ROOT / "src"))
-    sys.path.insert(0, str(ROOT))
-    quiet()
+    cpu_session(args.threads)
     import torch
-
-    torch.set_num_threads(args.threads)
     import transformers
 
     from benchmarks.report import git_commit, write_results

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from compress_models import WITHOUT_FINEGATES
 from decoder_helpers import make_decoder
 
 import finegates
@@ -21,13 +22,7 @@ from finegates.core.model import apply_gates, load_gate_state_dict
 from finegates.loaders import load_causal_lm, load_tokenizer
 from finegates.training.methods.flap import FLAP_GATES, add_bias, add_biases, fluctuation_stats, prune_flap
 
-_PLAIN = r'''
-import importlib.abc, json, sys
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "finegates":
-            raise ImportError("finegates is blocked in this test")
-sys.meta_path.insert(0, Block())
+_PLAIN = WITHOUT_FINEGATES + r'''
 import torch
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)

@@ -1,6 +1,6 @@
 """Decoders that recover when cut (issue 21): the training text's <unk> handling, the LM logit
 distillation from the dense model, and the `lm-distill` recipe end to end (train, compress
-exactly, reload, resume). Tiny random Llama only."""
+exactly, reload; resuming: tests/test_lm.py). Tiny random Llama only."""
 
 from __future__ import annotations
 
@@ -135,31 +135,3 @@ def test_cli_lm_distill_takes_kd_weight_and_keep_unk(llama, texts, tmp_path):
     m = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert r.exit_code == 0 and m["kd_weight"] == 0.5 and m["drop_unk"] is True
 
-
-def test_lm_distill_run_killed_mid_way_resumes_to_the_same_run(llama, texts, tmp_path, monkeypatch):
-    """The teacher is rebuilt from the starting model and the Taylor importances come back from the
-    checkpoint: a resumed distillation run ends bit-identical to an uncut one (CPU)."""
-    from safetensors.torch import load_file
-
-    from finegates.training.methods.gates import GatesMethod
-
-    def cfg(out):
-        return _cfg(llama, texts, out, max_steps=8, evals=4)
-
-    reference = lm.train_lm(cfg(tmp_path / "ref"))
-    real, calls = GatesMethod.extra_loss, []
-
-    def killed_in_step_5(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt  # after the step-4 checkpoint
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(GatesMethod, "extra_loss", killed_in_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        lm.train_lm(cfg(tmp_path / "cut"))
-    monkeypatch.setattr(GatesMethod, "extra_loss", real)
-    again = lm.train_lm(config.config_from_run(tmp_path / "cut"), resume=True)
-    assert again["resumed_from_step"] == 4 and again["perplexity"] == reference["perplexity"]
-    a, b = (load_file(str(tmp_path / d / "trainable.safetensors")) for d in ("cut", "ref"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -34,7 +34,7 @@ from ...core.coupling import BlockLayout, keep, kept_params
 from ...core.gates import GatedLinear
 from ...core.model import GateConfig
 from ..regularizer import Regularizer
-from .magnitude import FIXED_GATES
+from .magnitude import FIXED_GATES, fewest_reaching
 
 # FLAP reads and closes only the inputs (columns) of o and down
 FLAP_GATES = GateConfig(roles=("o", "down"), rows=False, cols=True, param=FIXED_GATES, train_head=False)
@@ -128,15 +128,7 @@ def prune_flap(model: nn.Module, sparsity: float, stats: dict, heads: bool = Tru
         return 1.0 - kept / dense
 
     candidates = len(flat) if heads else len(flat) - sum(len(h) for h, _ in scores)  # +inf heads sort last
-    lo, hi = 0, candidates  # smallest k with removed(k) >= sparsity (monotone in k)
-    if sparsity > 0 and removed(hi) < sparsity:
-        raise ValueError(f"flap: closing every candidate head and unit removes only {removed(hi):.3f} < sparsity {sparsity}")
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if removed(mid) >= sparsity:
-            hi = mid
-        else:
-            lo = mid + 1
+    lo = fewest_reaching(removed, candidates, sparsity, "flap: closing every candidate head and unit")
     reached = removed(lo)
     with torch.no_grad():
         for i, ((lay, gated), flags) in enumerate(zip(layout, closed_flags(lo))):
