@@ -31,6 +31,7 @@ from .loop import Objective, finish_run_dir, fit, in_run_folder
 from .plan import LoopState
 from .methods import get_method
 from .perplexity import perplexity
+from .recipes import get_recipe
 from .runtime import autocast, launch, peak_memory_mb, versions
 from .schedules import lr_lambda
 
@@ -146,8 +147,6 @@ def lm_kd_weight(cfg: LMConfig) -> float:
         return cfg.kd_weight
     if cfg.method != "gates":
         return 0.0
-    from .recipes import get_recipe
-
     return get_recipe(cfg.recipe, cfg.recipe_options).kd_weight
 
 
