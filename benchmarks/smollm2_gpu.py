@@ -1,23 +1,44 @@
-"""SmolLM2 LM benchmark, the GPU step (`python3 benchmarks/smollm2_lm.py gpu`; see smollm2_lm.py):
-convert the GGUF, train gates at each target as concurrent workers, prune the no-training
-baselines, compress everything and measure perplexity."""
+"""SmolLM2 LM benchmark, the GPU steps (`python3 benchmarks/smollm2_lm.py baselines|model`; see
+smollm2_lm.py): the no-training baselines in one call, then one gate model per call, each alone
+for a fixed budget. Every model is compressed and its perplexity measured again (fp32)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
-import statistics
-import subprocess
 import sys
 import tarfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from benchmarks.runner import quiet  # noqa: E402
 from benchmarks.smollm2_lm import (  # noqa: E402
-    DATA_HERE, PACK1, PREFIX, RECIPE_OPTIONS, ROOT, SCRIPT, STRIDE, TEST_FILE, TRAIN_FILE, VARIANTS, WINDOW,
-    _assemble, _convert, _env, _install_gguf, log,
+    BACK_LIMIT, CORPORA, PREFIX, ROOT, STRIDE, TEST, WINDOW, WORK, data_file, log, model_folder, work_data,
 )
+
+
+def _setup(args) -> tuple[str, Path, dict]:
+    """(model folder, data folder, machine info) on the GPU machine; finegates importable."""
+    sys.path.insert(0, str(ROOT / "src"))
+    quiet()
+    import torch
+    import transformers
+
+    folder = str(Path(args.model).resolve()) if args.model else str(model_folder())
+    data = Path(args.data) if args.data else work_data()
+    info = {"torch": torch.__version__, "transformers": transformers.__version__, "cuda": torch.cuda.is_available(),
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "python": sys.version.split()[0]}
+    log(f"machine: {info}")
+    return folder, data, info
+
+
+def _device_model(model):
+    import torch
+
+    return model.cuda() if torch.cuda.is_available() else model
 
 
 def _ppl(model, ids, prefix: int = PREFIX) -> dict:
@@ -39,10 +60,8 @@ def _logit_check(a, b, ids, n: int = 2, length: int = 256) -> float:
                      .abs().max())
 
 
-def _compressed_entry(gated, ids, full: bool) -> dict:
-    """Compress a copy of a gated model, measure it; returns counts, perplexity, logit diff."""
-    import copy
-
+def _compressed_entry(gated, ids) -> dict:
+    """Compress a copy of a gated model, measure it: counts, perplexity, max logit difference to the gated one."""
     from finegates.compression.exact import compress, layer_params, linear_params
     from finegates.core.model import count_params
 
@@ -51,285 +70,225 @@ def _compressed_entry(gated, ids, full: bool) -> dict:
     small = compress(copy.deepcopy(gated).cpu()).to(device)  # compression itself runs on CPU
     entry = {"params": count_params(small), "layer_params": layer_params(small),
              "layer_params_removed_fraction": 1 - layer_params(small) / dense_layers,
-             "linear_params": linear_params(small), "max_abs_logit_diff_vs_gated": _logit_check(gated, small, ids)}
-    entry.update(_ppl(small, ids) if full else {"prefix_perplexity": _ppl_prefix(small, ids)})
+             "linear_params": linear_params(small), "max_abs_logit_diff_vs_gated": _logit_check(gated, small, ids),
+             "heads": sum(len(p["attn"]["heads"]) for p in small.config.finegates["layers"]),
+             "mlp_units": sum(len(p["mlp"]) for p in small.config.finegates["layers"]), **_ppl(small, ids)}
     del small
     return entry
 
 
-def _ppl_prefix(model, ids) -> float:
-    from finegates.training.perplexity import perplexity
+def _test_ids(tok, data: Path, limit: int | None):
+    from finegates.data.text import eval_ids
 
-    return perplexity(model, ids[:PREFIX], WINDOW, STRIDE, batch_size=8, amp=False)["perplexity"]
+    return eval_ids(data_file(TEST, data), tok, limit)
 
 
-def _baseline_run_dir(d: Path, model, folder: str, fingerprint: str, gate_cfg, method: str, allocation: str,
-                      sparsity: float, test_file: Path) -> None:
-    """A run directory `report` rebuilds like an LM gates run: config.json + every gate theta."""
-    from dataclasses import asdict
+def _pack(out: Path, name: str, folders: list[Path], arcroot: Path) -> Path:
+    """One tarball of run folders (no checkpoints) under $OUT, refused if it could not come back."""
+    path = out / f"{name}.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for d in folders:
+            tar.add(d, arcname=str(d.relative_to(arcroot)), filter=lambda t: None if "/checkpoint" in t.name else t)
+    if path.stat().st_size > BACK_LIMIT:
+        sys.exit(f"error: {path.name} is {path.stat().st_size / 2**20:.1f} MiB, over the 16 MiB a file may come back")
+    return path
 
+
+# ==== baselines ======================================================================================
+def _baseline_run_dir(d: Path, model, folder: str, fingerprint: str, gate_cfg, criterion: str, allocation: str,
+                      sparsity: float, extra_tensors: tuple[str, ...] = ()) -> None:
+    """A run directory `report` rebuilds like an LM gates run: config.json + every gate theta (+ the
+    tensors whose names end in `extra_tensors`: FLAP's compensation biases)."""
     from finegates.training.checkpoint import FORMAT_VERSION, save_trainable
 
     d.mkdir(parents=True, exist_ok=True)
-    thetas = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if n.endswith("theta")}
-    save_trainable(d / "trainable.safetensors", model, fingerprint, 0, thetas)
+    keep = ("theta", *extra_tensors)
+    tensors = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if n.endswith(keep)}
+    save_trainable(d / "trainable.safetensors", model, fingerprint, 0, tensors)
     (d / "config.json").write_text(json.dumps({
         "format_version": FORMAT_VERSION, "objective": "lm", "task": "lm", "model_location": folder,
-        "fingerprint": fingerprint, "method_config": {"gate": asdict(gate_cfg), "criterion": method,
-                                                      "allocation": allocation},
-        "train": {"method": method, "sparsity": sparsity, "block_size": WINDOW, "eval_text_file": str(test_file)},
+        "fingerprint": fingerprint, "method_config": {"gate": asdict(gate_cfg), "criterion": criterion,
+                                                      "allocation": allocation, "added_bias": bool(extra_tensors)},
+        "train": {"method": criterion, "sparsity": sparsity, "block_size": WINDOW, "eval_text_file": TEST},
     }, indent=1, default=str) + "\n")
 
 
-def _baselines(folder: str, ids, train_ids, work: Path, deadline: float, targets, test_file: Path,
-               calib_blocks: int) -> list[dict]:
-    """Structured magnitude and Wanda-style pruning at each target: no training."""
+def cmd_baselines(args) -> None:
+    """Dense perplexity, then magnitude / Wanda-style (uniform and global) and FLAP-style at each target."""
+    t_start = time.time()
+    folder, data, info = _setup(args)
+    out, work = Path(args.out), WORK / "baselines"
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "runs").mkdir(parents=True)
     import torch
 
-    from finegates.training.methods.magnitude import FIXED_GATES, OPEN, activation_norms, prune_structured
+    from finegates.compression.exact import layer_params, linear_params
+    from finegates.core.model import GateConfig, apply_gates, count_params, gate_parameters
+    from finegates.data.text import tokenize_files
+    from finegates.loaders import load_causal_lm, load_tokenizer
     from finegates.training.checkpoint import model_fingerprint
-    from finegates.loaders import load_causal_lm
-    from finegates.core.model import GateConfig, apply_gates, gate_parameters
+    from finegates.training.methods.flap import FLAP_GATES, fluctuation_stats, prune_flap
+    from finegates.training.methods.magnitude import FIXED_GATES, OPEN, activation_norms, prune_structured
 
-    model = load_causal_lm(folder)
-    fp = model_fingerprint(model)
+    tok = load_tokenizer(folder)
+    ids = _test_ids(tok, data, args.eval_tokens)
+    train_ids = tokenize_files([data_file(CORPORA["wikitext2-train"], data)], tok, drop_unk_words=True)
+    calib = [{"input_ids": b[None]} for b in train_ids[: args.calib_blocks * WINDOW].view(-1, WINDOW)]
+    dense = _device_model(load_causal_lm(folder).eval())
+    t0 = time.time()
+    dense_entry = {"name": "dense", "kind": "dense", "target": 0.0, **_ppl(dense, ids), "params": count_params(dense),
+                   "layer_params": layer_params(dense), "linear_params": linear_params(dense)}
+    log(f"dense: perplexity {dense_entry['perplexity']:.4f} on {dense_entry['tokens']} test tokens, {time.time() - t0:.0f}s")
+    fp = model_fingerprint(dense)
+    del dense
+
+    def measure(model, name, kind, allocation, s, removed, gate_cfg, extra=()) -> dict:
+        t0 = time.time()
+        entry = {"name": name, "kind": kind, "target": s, "allocation": allocation, "removed_linear_fraction": removed,
+                 "run_dir": f"runs/{name}", "recipe": None, "train_tokens": 0, "steps": 0,
+                 "compressed": _compressed_entry(model, ids)}
+        entry["perplexity"] = entry["compressed"]["perplexity"]
+        _baseline_run_dir(work / "runs" / name, model, folder, fp, gate_cfg, kind, allocation, s, extra)
+        log(f"{name}: removed {removed:.3f}, perplexity {entry['perplexity']:.3f}, {time.time() - t0:.0f}s")
+        return entry
+
+    rows, skipped = [], []
     gate_cfg = GateConfig(param=FIXED_GATES, train_bias=False, train_head=False)
-    apply_gates(model, gate_cfg)
-    model.cuda().eval() if torch.cuda.is_available() else model.eval()
-    calib = [{"input_ids": b[None]} for b in train_ids[: calib_blocks * WINDOW].view(-1, WINDOW)]
+    model = _device_model(apply_gates(load_causal_lm(folder), gate_cfg).eval())
     t0 = time.time()
     norms = activation_norms(model, calib)
-    log(f"wanda calibration: {len(calib)} x {WINDOW} tokens of the training text, {time.time() - t0:.1f}s")
-    out = []
-    plan = [(c, a, s) for c, a in (("magnitude", "uniform"), ("wanda", "uniform"), ("magnitude", "global"),
-                                     ("wanda", "global")) for s in targets]
-    for criterion, allocation, s in plan:
-        if time.time() > deadline:
-            log(f"deadline: skipping {criterion}-{allocation}@{s}")
+    log(f"wanda calibration: {len(calib)} x {WINDOW} tokens of WikiText-2 train, {time.time() - t0:.1f}s")
+    stats = None
+    # the report's rows first (uniform allocation, FLAP), the global allocations last: a call that
+    # nears its budget skips what is left and still writes everything it measured
+    jobs = [(c, a, s) for c, a in (("magnitude", "uniform"), ("wanda", "uniform"), ("flap", "adaptive"),
+                                   ("flap-mlp", "adaptive"), ("magnitude", "global"), ("wanda", "global"))
+            for s in args.targets]
+    for criterion, allocation, s in jobs:
+        name = f"{criterion}-{allocation}@{s:.2f}" if allocation != "adaptive" else f"{criterion}@{s:.2f}"
+        if time.time() > t_start + args.budget_s:
+            skipped.append(name)
+            continue
+        if criterion.startswith("flap"):  # FLAP adds biases: a fresh model for each
+            flap_model = _device_model(apply_gates(load_causal_lm(folder), FLAP_GATES).eval())
+            stats = stats or fluctuation_stats(flap_model, calib)  # of the dense model: the same for every one
+            removed = prune_flap(flap_model, s, stats, heads=criterion == "flap")
+            rows.append(measure(flap_model, name, criterion, allocation, s, removed, FLAP_GATES, ("bias",)))
+            del flap_model
             continue
         with torch.no_grad():
             for p in gate_parameters(model):
                 p.fill_(OPEN)
         removed = prune_structured(model, s, allocation, norms if criterion == "wanda" else None)
-        name = f"{criterion}-{allocation}@{s:.2f}"
-        t0 = time.time()
-        entry = {"name": name, "kind": criterion, "allocation": allocation, "target": s,
-                 "removed_linear_fraction": removed, "run_dir": f"runs/{name}",
-                 "gated_prefix_perplexity": _ppl_prefix(model, ids),
-                 "compressed": _compressed_entry(model, ids, full=True)}
-        entry["perplexity"] = entry["compressed"]["perplexity"]
-        _baseline_run_dir(work / "runs" / name, model, folder, fp, gate_cfg, criterion, allocation, s, test_file)
-        out.append(entry)
-        log(f"{name}: removed {removed:.3f}, perplexity {entry['perplexity']:.3f} "
-            f"(prefix gated {entry['gated_prefix_perplexity']:.4f} / compressed "
-            f"{entry['compressed']['prefix_perplexity']:.4f}), {time.time() - t0:.0f}s")
+        rows.append(measure(model, name, criterion, allocation, s, removed, gate_cfg))
+    del model
+    if skipped:
+        log(f"budget of {args.budget_s:.0f}s reached: skipped {', '.join(skipped)}")
+    results = {"machine": info, "model_folder": folder, "eval_text": TEST, "window": WINDOW, "stride": STRIDE,
+               "prefix_tokens": PREFIX, "eval_precision": "fp32 (no autocast)", "calib_blocks": len(calib),
+               "seconds": round(time.time() - t_start, 1), "dense": dense_entry, "baselines": rows,
+               "skipped": skipped}
+    (work / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    shutil.copyfile(work / "results.json", out / "baselines.json")
+    path = _pack(out, "baselines", sorted((work / "runs").iterdir()), work)
+    log(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB) in {time.time() - t_start:.0f}s")
+
+
+# ==== one gate model ===================================================================================
+def _options(items: list[str]) -> dict:
+    """`--opt KEY=VALUE` recipe overrides, values read as JSON (`kd_weight=1.0`, `reg.units=["mlp","vo"]`)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            sys.exit(f"error: --opt {item!r}: expected KEY=VALUE")
+        out[key] = json.loads(value)
     return out
 
 
-def cmd_gpu(args) -> None:
-    t_start = time.time()
-    deadline = t_start + args.budget_s
-    sys.path.insert(0, str(ROOT / "src"))
-    out = Path(args.out)
-    work = Path(args.work)
-    shutil.rmtree(work, ignore_errors=True)
-    (work / "runs").mkdir(parents=True)
-    if not args.model:
-        _install_gguf(work / "site")  # before transformers is imported: it looks for gguf once, at import
-    quiet()
-    import torch
-
-    out.mkdir(parents=True, exist_ok=True)
-    info = {"torch": torch.__version__, "cuda": torch.cuda.is_available(),
-            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-            "python": sys.version.split()[0]}
-    import transformers
-
-    info["transformers"] = transformers.__version__
-    log(f"machine: {info}")
-    if args.model:
-        folder = str(Path(args.model).resolve())
-    else:
-        gguf = _assemble(work)
-        t0 = time.time()
-        folder = str(_convert(gguf, work / "cache"))
-        info["convert_seconds"] = round(time.time() - t0, 1)
-        log(f"converted {gguf.name} -> {folder} in {info['convert_seconds']}s")
-        gguf.unlink()
-    data = Path(args.data) if args.data else (PACK1 / "data" if (PACK1 / "data").is_dir() else DATA_HERE)
-    train_file, test_file = data / TRAIN_FILE, data / TEST_FILE
-
-    # gate trainings: one process each, started now, training until the shared deadline
-    jobs = []
-    train_end = deadline - args.reserve_s
-    variants = {v: VARIANTS[v] for v in args.variants}
-    for variant, distill in variants.items():
-        for s in args.targets:
-            name = f"{variant}@{s:.2f}"
-            jobs.append({"name": name, "variant": variant, "distill": distill, "sparsity": s, "folder": folder,
-                         "train_file": str(train_file), "test_file": str(test_file), "out": str(work / "runs" / name),
-                         "train_end": train_end, "n_jobs": len(variants) * len(args.targets),
-                         "ready_dir": str(work / "ready"), "max_steps": args.max_steps, "min_steps": args.min_steps,
-                         "batch_size": args.batch_size, "eval_tokens": args.eval_tokens,
-                         "calib_steps": args.calib_steps})
-    (work / "ready").mkdir()
-    procs = []
-    for job in jobs:
-        logf = open(work / "runs" / f"{job['name']}.log", "w")
-        procs.append((subprocess.Popen([sys.executable, str(SCRIPT), "worker", json.dumps(job)],
-                                       stdout=logf, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT), job, logf))
-    log(f"started {len(procs)} gate trainings; they stop training at +{train_end - t_start:.0f}s")
-
-    # meanwhile, here: dense perplexity and the no-training baselines
-    from finegates.core.model import count_params
-    from finegates.compression.exact import layer_params, linear_params
-    from finegates.data.text import eval_ids
-    from finegates.loaders import load_causal_lm
-    from finegates.loaders import load_tokenizer
-
-    tok = load_tokenizer(folder)
-    ids = eval_ids(test_file, tok, args.eval_tokens)
-    train_ids = eval_ids(train_file, tok)
-    dense = load_causal_lm(folder)
-    if torch.cuda.is_available():
-        dense.cuda()
-    t0 = time.time()
-    dense_entry = {"name": "dense", "kind": "dense", "target": 0.0, **_ppl(dense, ids),
-                   "params": count_params(dense), "layer_params": layer_params(dense),
-                   "linear_params": linear_params(dense)}
-    log(f"dense: perplexity {dense_entry['perplexity']:.4f} on {dense_entry['tokens']} test tokens "
-        f"(prefix {PREFIX}: {dense_entry['prefix_perplexity']:.4f}), {time.time() - t0:.0f}s")
-    del dense
-    baseline_targets = args.targets if args.baseline_targets is None else args.baseline_targets
-    baselines = _baselines(folder, ids, train_ids, work, train_end + 30, baseline_targets, test_file,
-                           args.calib_blocks) if baseline_targets else []
-
-    # wait for the trainings (each writes runs/NAME/result.json), kill what outlives the deadline
-    while any(p.poll() is None for p, _, _ in procs) and time.time() < deadline:
-        time.sleep(2)
-    gates = []
-    for p, job, logf in procs:
-        if p.poll() is None:
-            p.kill()
-            log(f"killed {job['name']} at the deadline")
-        logf.close()
-        res = Path(job["out"]) / "result.json"
-        if res.is_file():
-            gates.append(json.loads(res.read_text()))
-            g = gates[-1]
-            log(f"{job['name']}: {g['steps']} steps, removed {g['removed_linear_fraction']:.3f}, perplexity gated "
-                f"{g['perplexity']:.4f} / compressed {g['compressed'].get('perplexity', float('nan')):.4f}")
-        elif (Path(job["out"]) / "metrics.json").is_file():  # trained, cut off while compressing
-            m = json.loads((Path(job["out"]) / "metrics.json").read_text())
-            gates.append({"name": job["name"], "kind": job["variant"], "target": job["sparsity"],
-                          "run_dir": f"runs/{job['name']}", "steps": m["steps"], "perplexity": m["perplexity"],
-                          "removed_linear_fraction": m["removable_fraction"], "compressed": {}})
-            log(f"{job['name']}: trained ({m['steps']} steps, perplexity {m['perplexity']:.4f}), compressed "
-                "perplexity not measured (deadline)")
-        else:
-            log(f"{job['name']}: no result (exit {p.returncode}); log tail:\n" +
-                "".join((work / "runs" / f"{job['name']}.log").read_text().splitlines(True)[-15:]))
-
-    results = {"machine": info, "model_folder": folder, "train_text": TRAIN_FILE, "eval_text": TEST_FILE,
-               "window": WINDOW, "stride": STRIDE, "prefix_tokens": PREFIX, "eval_precision": "fp32 (no autocast)",
-               "train_precision": "bf16 autocast", "recipe": "fast", "recipe_options": RECIPE_OPTIONS,
-               "seconds": round(time.time() - t_start, 1), "dense": dense_entry, "gates": gates, "baselines": baselines}
-    (work / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
-    shutil.copyfile(work / "results.json", out / "smollm2_gpu.json")
-    with tarfile.open(out / "smollm2_gpu.tar.gz", "w:gz") as tar:
-        tar.add(work / "results.json", arcname="results.json")
-        for d in sorted((work / "runs").iterdir()):
-            tar.add(d, arcname=f"runs/{d.name}")
-    log(f"wrote {out / 'smollm2_gpu.tar.gz'} ({(out / 'smollm2_gpu.tar.gz').stat().st_size / 2**20:.1f} MiB) in "
-        f"{time.time() - t_start:.0f}s")
-
-
-# ==== worker (one gate training, started by `gpu`) ==================================================
-def _calibrate(job: dict, cfg, blocks_) -> float:
-    """Seconds per training step of this configuration, measured while every worker measures."""
-    import torch
-
-    from finegates.training.runtime import autocast as _autocast
-    from finegates.loaders import load_causal_lm
-    from finegates.training.methods.registry import get_method
-    from finegates.training.runtime import pick_device
-
-    device = pick_device(cfg.device)
-    model = load_causal_lm(str(job["folder"])).to(device)
-    method = get_method("gates")
-    groups = method.prepare(model, cfg, 1000)
-    model.to(device)
-    opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    ready = Path(job["ready_dir"])
-    (ready / job["name"]).touch()
-    t0 = time.time()
-    while len(list(ready.iterdir())) < job["n_jobs"] and time.time() - t0 < 90:
-        time.sleep(0.5)
-    times = []
-    for i in range(job["calib_steps"]):
-        t = time.perf_counter()
-        x = blocks_[i % len(blocks_): i % len(blocks_) + cfg.batch_size].to(device)
-        with _autocast(device):
-            out = model(input_ids=x, labels=x, use_cache=False)
-        extra, _ = method.extra_loss(model, 300, {"input_ids": x, "labels": x}, out)
-        loss = out.loss.float() + extra
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        method.progress()
-        loss.item()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    method.finish(model)
-    del model, method, opt, groups
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return statistics.median(times[min(3, len(times) - 1):])
-
-
-def cmd_worker(job_json: str) -> None:
-    job = json.loads(job_json)
-    sys.path.insert(0, str(ROOT / "src"))
-    quiet()
-    import torch
-
-    torch.set_num_threads(2)
+def _lm_config(args, folder: str, data: Path, out: Path, steps: int, eval_tokens: int | None):
     from finegates.training.config import LMConfig
-    from finegates.data.text import eval_ids, pack, tokenize_files
+
+    return LMConfig(
+        out=out, model=folder, text_files=tuple(data_file(CORPORA[c], data) for c in args.corpora),
+        eval_text_file=data_file(TEST, data), block_size=WINDOW, window=WINDOW, stride=STRIDE, eval_tokens=eval_tokens,
+        eval_dense=False, eval_amp=False, method="gates", recipe=args.recipe, recipe_options=_options(args.opt),
+        sparsity=args.target, epochs=1e6, max_steps=steps, batch_size=args.batch_size, eval_batch_size=8,
+        schedule="cosine", warmup_steps=max(1, steps // 50), evals=1, trace_every=50, log_every=100,
+        progress=False, device="auto")
+
+
+def _cached_tokenization():
+    """The calibration run and the real one tokenize the same text: once per process (~10-20 s)."""
+    import finegates.training.lm as lm
+
+    real, cache = lm.tokenize_corpus, {}
+
+    def cached(paths, tokenizer, drop):
+        key = (tuple(str(p) for p in paths), drop)
+        if key not in cache:
+            cache[key] = real(paths, tokenizer, drop)
+        return cache[key]
+
+    lm.tokenize_corpus = cached
+
+
+def cmd_model(args) -> None:
+    """Train one recipe at one target alone, sized to `--minutes`; compress and measure it."""
+    t_start = time.time()
+    deadline = t_start + 60 * args.minutes
+    folder, data, info = _setup(args)
+    import torch
+
     from finegates.loaders import load_lm_run
     from finegates.training.lm import train_lm
-    from finegates.loaders import load_tokenizer
 
-    def config(steps: int) -> LMConfig:
-        return LMConfig(
-            out=Path(job["out"]), model=job["folder"], text_files=(Path(job["train_file"]),),
-            eval_text_file=Path(job["test_file"]), block_size=WINDOW, window=WINDOW, stride=STRIDE,
-            eval_tokens=job["eval_tokens"], eval_dense=False, eval_amp=False, method="gates", recipe="fast",
-            recipe_options=dict(RECIPE_OPTIONS), distill=job["distill"], sparsity=job["sparsity"], epochs=1e6,
-            max_steps=steps, batch_size=job["batch_size"], eval_batch_size=8, schedule="constant", evals=1,
-            trace_every=25, progress=False, device="auto")
-
-    tok = load_tokenizer(job["folder"])
-    blocks_ = pack(tokenize_files([Path(job["train_file"])], tok), WINDOW)
-    t_step = _calibrate(job, config(1000), blocks_)
-    left = job["train_end"] - time.time() - 15  # model load + tokenization in train_lm
-    steps = max(job["min_steps"], min(job["max_steps"], int(left / (t_step * 1.1))))
-    log(f"{job['name']}: {t_step * 1e3:.0f} ms/step measured; {left:.0f}s left -> {steps} steps")
-    metrics = train_lm(config(steps), overwrite=True)  # the job's own run folder: a re-run replaces it
-    log(f"{job['name']}: trained, perplexity {metrics['perplexity']:.4f}, removed {metrics['removable_fraction']:.3f}")
-
-    # rebuild from the run directory (what `report` does), compress, measure again
-    gated, tok, _ = load_lm_run(job["out"])
+    name = f"{args.recipe}@{args.target:.2f}" + ("+" + "+".join(args.opt) if args.opt else "")
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+    out, work = Path(args.out), WORK / "models"
+    out.mkdir(parents=True, exist_ok=True)
+    _cached_tokenization()
+    t0 = time.time()  # calibration: the same configuration for a few steps, on a short evaluation
+    calib = train_lm(_lm_config(args, folder, data, work / "calib" / safe, args.calib_steps, 2 * WINDOW), overwrite=True)
+    t_step = calib["steady_seconds_per_step"] or calib["seconds_per_step"]
+    overhead = time.time() - t0 - calib["train_seconds"]  # load, tokenize, teacher copy, short evaluation
+    left = deadline - time.time() - overhead - args.reserve_s
+    if left <= t_step * args.calib_steps:
+        log(f"{name}: warning: loading and measuring leave no time for training within {args.minutes} min; "
+            f"training the minimum of {args.calib_steps} steps (the JSON's minutes show the overrun)")
+    steps = max(args.calib_steps, int(left / (t_step * 1.03)))
+    steps = min(steps, args.max_steps) if args.max_steps else steps
+    log(f"{name}: {t_step * 1e3:.0f} ms/step measured over {args.calib_steps} steps, overhead {overhead:.0f}s; "
+        f"{left:.0f}s left for training -> {steps} steps of {args.batch_size} x {WINDOW} tokens")
+    run_dir = work / "runs" / safe
+    metrics = train_lm(_lm_config(args, folder, data, run_dir, steps, args.eval_tokens), overwrite=True)
+    t_trained = time.time()
+    log(f"{name}: trained {metrics['steps']} steps in {metrics['train_seconds']:.0f}s, perplexity "
+        f"{metrics['perplexity']:.4f}, removed {metrics['removable_fraction']:.3f}")
+    gated, tok, _ = load_lm_run(run_dir)  # rebuilt from the run directory, as `report` will
+    gated = _device_model(gated)
+    ids = _test_ids(tok, data, args.eval_tokens)
+    result = {
+        "name": name, "kind": args.recipe, "recipe": args.recipe, "recipe_options": _options(args.opt), "target": args.target,
+        "run_dir": f"runs/{safe}", "corpora": {c: n for c, n in zip(args.corpora, metrics["train_file_tokens"])},
+        "train_tokens": metrics["train_tokens"], "tokens_seen": metrics["tokens_seen"], "steps": metrics["steps"],
+        "batch_size": args.batch_size, "block_size": WINDOW, "kd_weight": metrics["kd_weight"],
+        "seconds_per_step": metrics["seconds_per_step"], "calibrated_step_s": t_step,
+        "train_seconds": metrics["train_seconds"], "train_minutes": metrics["train_seconds"] / 60,
+        "budget_minutes": args.minutes, "peak_memory_mb": metrics["peak_memory_mb"],
+        "removed_linear_fraction": metrics["removable_fraction"], "perplexity_gated": metrics["perplexity"],
+        "compressed": _compressed_entry(gated, ids), "trainable_params": metrics["trainable_params"],
+    }
+    result["perplexity"] = result["compressed"]["perplexity"]
+    del gated
     if torch.cuda.is_available():
-        gated.cuda()
-    ids = eval_ids(Path(job["test_file"]), tok, job["eval_tokens"])
-    result = {"name": job["name"], "kind": job["variant"], "target": job["sparsity"], "run_dir": f"runs/{job['name']}",
-              "steps": metrics["steps"], "seconds_per_step": metrics["seconds_per_step"], "calibrated_step_s": t_step,
-              "train_seconds": metrics["train_seconds"], "train_tokens": metrics["train_tokens"],
-              "peak_memory_mb": metrics["peak_memory_mb"], "removed_linear_fraction": metrics["removable_fraction"],
-              "perplexity": metrics["perplexity"], "tokens": metrics["dev"]["tokens"],
-              "gated_prefix_perplexity": _ppl_prefix(gated, ids),
-              "compressed": _compressed_entry(gated, ids, full=True)}
-    (Path(job["out"]) / "result.json").write_text(json.dumps(result, indent=1) + "\n")
-    log(f"{job['name']}: compressed perplexity {result['compressed']['perplexity']:.4f}")
+        torch.cuda.empty_cache()
+    result["minutes"] = (time.time() - t_start) / 60  # the whole command: calibration, training, measuring
+    result["measure_seconds"] = time.time() - t_trained
+    (run_dir / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / f"{safe}.json").write_text(json.dumps({"machine": info, **result}, indent=1) + "\n")
+    path = _pack(out, safe, [run_dir], work)
+    log(f"{name}: compressed perplexity {result['perplexity']:.4f} (gated {result['perplexity_gated']:.4f}), "
+        f"{result['compressed']['layer_params_removed_fraction']:.3f} of layer params removed; {path.name} "
+        f"{path.stat().st_size / 2**20:.1f} MiB; {result['minutes']:.1f} min in all")

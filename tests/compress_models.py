@@ -13,6 +13,18 @@ from transformers import (
 from finegates import GateConfig, GateParam, apply_gates
 from finegates.core.arch import blocks, spec_for
 
+# The start of a script run in a fresh interpreter where `import finegates` raises (a blocking finder
+# on sys.meta_path covers the editable install as well as PYTHONPATH): what loads a compressed folder
+# after it runs, loads it without finegates (trust_remote_code).
+WITHOUT_FINEGATES = r'''
+import importlib.abc, json, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "finegates":
+            raise ImportError("finegates is blocked in this test")
+sys.meta_path.insert(0, Block())
+'''
+
 _ENC = dict(vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
             intermediate_size=48, max_position_embeddings=64, num_labels=3)
 _DEC = dict(vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,

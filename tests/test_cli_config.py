@@ -21,8 +21,8 @@ TRANSLATED = {
     "pretrain": {"resume", "overwrite", "config"},
     "bench": {"model_dir", "against", "json_out"},
 }
-# defaults the command decides per objective (None on the command line): recipe, sparsity, model
-PER_OBJECTIVE = {"model", "recipe", "sparsity"}
+# defaults the command decides per objective (None on the command line): recipe, sparsity, model, KD
+PER_OBJECTIVE = {"model", "recipe", "sparsity", "kd_weight", "kd_temperature"}
 
 
 def _default(cls, name):

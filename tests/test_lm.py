@@ -252,8 +252,11 @@ def test_eval_refuses_encoders_and_classification_runs(tmp_path, texts):
     assert r.exit_code == 2 and "not a language-modelling run" in r.output
 
 
-def test_lm_run_killed_mid_way_resumes_to_the_same_run(llama, texts, tmp_path, monkeypatch):
-    """LM training goes through the one loop: a kill after a checkpoint resumes bit-exactly (CPU)."""
+@pytest.mark.parametrize("recipe", ["paper-lm", "lm-distill"])
+def test_lm_run_killed_mid_way_resumes_to_the_same_run(llama, texts, tmp_path, monkeypatch, recipe):
+    """LM training goes through the one loop: a kill after a checkpoint resumes bit-exactly (CPU);
+    with lm-distill the teacher is rebuilt from the starting model and the Taylor importances and
+    closed units come back from the checkpoint."""
     from safetensors.torch import load_file
 
     from finegates.training.methods.gates import GatesMethod
@@ -261,7 +264,7 @@ def test_lm_run_killed_mid_way_resumes_to_the_same_run(llama, texts, tmp_path, m
     def cfg(out):
         return config.LMConfig(out=out, model=str(llama), text_files=(texts[0],), eval_text_file=texts[1],
                                block_size=32, window=32, stride=16, batch_size=4, max_steps=6, evals=3, lr=5e-2,
-                               progress=False, device="cpu", eval_dense=False)
+                               progress=False, device="cpu", eval_dense=False, recipe=recipe)
 
     reference = lm.train_lm(cfg(tmp_path / "ref"))
     real, calls = GatesMethod.extra_loss, []

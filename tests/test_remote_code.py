@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from compress_models import set_gates
+from compress_models import WITHOUT_FINEGATES, set_gates
 from decoder_helpers import decoder_config, make_tokenizer
 
 import finegates
@@ -18,16 +18,9 @@ from finegates.compression.exact import compress
 from finegates.compression.saved import save_compressed
 from finegates.compression.remote_code import MODELING_FILE, RemoteCodeError, modeling_source
 
-# Runs in a fresh interpreter where `import finegates` raises (a blocking finder on sys.meta_path
-# covers the editable install as well as PYTHONPATH), loads both folders through the Auto classes
-# and prints the largest logit differences to the references finegates.load gave.
-_PLAIN = r'''
-import importlib.abc, json, sys
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "finegates":
-            raise ImportError("finegates is blocked in this test")
-sys.meta_path.insert(0, Block())
+# Runs in a fresh interpreter where `import finegates` raises, loads both folders through the Auto
+# classes and prints the largest logit differences to the references finegates.load gave.
+_PLAIN = WITHOUT_FINEGATES + r'''
 try:
     import finegates
     sys.exit("finegates imported")

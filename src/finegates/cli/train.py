@@ -87,8 +87,8 @@ def train(
     train_weights: Optional[bool] = option(TrainConfig, "train_weights", "--train-weights/--freeze-weights"),
     weight_lr: Optional[float] = typer.Option(None, help="Learning rate of trained weights. Default: 2e-5."),
     teacher: Optional[Path] = option(TrainConfig, "teacher"),
-    kd_weight: float = option(TrainConfig, "kd_weight"),
-    kd_temperature: float = option(TrainConfig, "kd_temperature"),
+    kd_weight: Optional[float] = option(TrainConfig, "kd_weight", default=None),
+    kd_temperature: Optional[float] = option(TrainConfig, "kd_temperature", default=None),
     seed: int = option(TrainConfig, "seed"),
     train_limit: Optional[int] = option(TrainConfig, "train_limit"),
     eval_limit: Optional[int] = option(TrainConfig, "eval_limit"),
@@ -108,6 +108,7 @@ def train(
     stride: int = option(LMConfig, "stride"),
     eval_tokens: Optional[int] = option(LMConfig, "eval_tokens"),
     eval_dense: bool = option(LMConfig, "eval_dense"),
+    drop_unk: bool = option(LMConfig, "drop_unk", "--drop-unk/--keep-unk"),
 ) -> None:
     """Gate-finetune a model on a GLUE task or your own data, to a sparsity target.
 
@@ -150,6 +151,7 @@ def train(
             checkpoint_every=checkpoint_every, skip_nonfinite=skip_nonfinite,
             method_options=_options(opt), distill=distill, train_weights=train_weights,
             recipe_options=_recipe_options(None, weight_lr),
+            drop_unk=drop_unk, **_given(kd_weight=kd_weight, kd_temperature=kd_temperature),
         )
         _print_lm_result(run_guarded(train_lm, lm_cfg, overwrite=overwrite))
         return
@@ -167,10 +169,18 @@ def train(
         progress=progress, log_every=log_every, cuda_graphs=cuda_graphs, method_options=_options(opt), distill=distill,
         pooling=pooling,
         recipe_options=_recipe_options(prune_units, weight_lr), train_weights=train_weights,
-        teacher=str(teacher) if teacher is not None else None, kd_weight=kd_weight, kd_temperature=kd_temperature,
+        teacher=str(teacher) if teacher is not None else None,
+        **_given(kd_weight=kd_weight, kd_temperature=kd_temperature),
     )
     result = run_guarded(run_train, cfg, overwrite=overwrite)
     _print_result(result)
+
+
+def _given(**options) -> dict:
+    """The options given on the command line (not None): their defaults differ per objective, so an
+    option left out takes its config's default (classification distils a teacher at w 0.5, T 2;
+    language modelling the dense model at the recipe's weight, T 1)."""
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def _trains_weights(recipe: str, flag: bool | None) -> bool:

@@ -136,8 +136,10 @@ class TrainConfig(RunConfig):
         "help": "Distil logits from a finetuned teacher: a run directory (e.g. --method full), compressed or HF "
         "model folder with the same tokenizer. Its training-set logits are computed once and cached in "
         "its folder."})
-    kd_weight: float = field(default=0.5, metadata={"help": "With --teacher: loss = (1 - w) * task loss + w * KD loss."})
-    kd_temperature: float = field(default=2.0, metadata={"help": "With --teacher: softmax temperature of the KD loss."})
+    kd_weight: float = field(default=0.5, metadata={"help": "With --teacher: loss = (1 - w) * task loss + w * KD loss "
+                                                     "(--objective lm: w of the KL to the dense model; default: the recipe's)."})
+    kd_temperature: float = field(default=2.0, metadata={"help": "With --teacher: softmax temperature of the KD loss "
+                                                          "(--objective lm: default 1)."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -193,6 +195,13 @@ class LMConfig(RunConfig):
     schedule: str = field(default="cosine", metadata={"help": "Learning-rate schedule: cosine or constant."})
     warmup_steps: int = field(default=0, metadata={"help": "Linear learning-rate warm-up steps."})
     evals: int = field(default=1, metadata={"help": "Evaluations during training (the last at the end)."})
+    drop_unk: bool = field(default=True, metadata={
+        "help": "lm: drop the whole-word <unk> placeholders of tokenized corpora (WikiText-2 .tokens, PTB) from the "
+        "training text (data/text.py says why); the evaluation text is read as it is."})
+    kd_weight: float | None = field(default=None, metadata={
+        "help": "lm: loss = (1 - w) * LM loss + w * KL to the dense starting model's next-token distribution "
+        "(a frozen copy). Default: the recipe's (lm-distill: 0.5; others: 0, no teacher)."})
+    kd_temperature: float = field(default=1.0, metadata={"help": "lm: softmax temperature of that KL."})
 
     def __post_init__(self) -> None:
         self.text_files = tuple(Path(p) for p in self.text_files)
@@ -208,6 +217,10 @@ class LMConfig(RunConfig):
             raise ValueError("--evals must be positive and --block-size at least 2 tokens")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"--schedule must be cosine or constant, got {self.schedule!r}")
+        if self.kd_weight is not None and not 0.0 <= self.kd_weight <= 1.0:
+            raise ValueError(f"--kd-weight must be in [0, 1], got {self.kd_weight}")
+        if not 0.0 < self.kd_temperature < math.inf:
+            raise ValueError(f"--kd-temperature must be positive and finite, got {self.kd_temperature}")
 
 
 def config_from_run(run_dir: Path) -> TrainConfig | LMConfig:

@@ -78,9 +78,7 @@ class SquareHead:
 
     def __init__(self, model: nn.Module, weight: float = 1.0) -> None:
         self.weight = weight
-        self.teacher = copy.deepcopy(model).eval()
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
+        self.teacher = frozen_copy(model)
         self.student_out = BlockOutputs(model)
         self.teacher_out = BlockOutputs(self.teacher)
 
@@ -101,6 +99,17 @@ class SquareHead:
     def remove(self) -> None:
         self.student_out.remove()
         self.teacher_out.remove()
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """The model as it is now, as a teacher: a deep copy in eval mode that no optimizer touches.
+
+    A copy rather than the student with its gates switched off, because a teacher must not move
+    when the student's weights train (the `finetune` recipe); it costs one model's memory."""
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
 
 
 def make_distiller(kind: str, model: nn.Module, weight: float = 1.0) -> SquareHead | None:
@@ -148,3 +157,15 @@ class TeacherLogits:
         return (1.0 - self.weight) * task_loss + self.weight * kd, float(kd.detach())
 
 
+
+
+def lm_kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """T^2 * KL(teacher || student) of a causal LM's next-token distributions, averaged over every
+    (sequence, position) of `[batch, seq, vocab]` logits (Hinton et al., 2015, per position).
+
+    Both sides are log-softmaxed (`log_target`), so equal logits give exactly 0."""
+    t = temperature
+    vocab = student.shape[-1]
+    log_p = nn.functional.log_softmax(student.float().reshape(-1, vocab) / t, dim=-1)
+    log_q = nn.functional.log_softmax(teacher.float().detach().reshape(-1, vocab) / t, dim=-1)
+    return nn.functional.kl_div(log_p, log_q, reduction="batchmean", log_target=True) * t * t

@@ -22,14 +22,16 @@ import torch.nn as nn
 
 from ..core.model import count_params, count_trainable
 from ..data.outputs import TRAIN_RUN
-from ..data.text import eval_ids, pack, tokenize_files
+from ..data.text import eval_ids, pack, tokenize_corpus
 from ..loaders import load_causal_lm, load_tokenizer, resolve
 from .checkpoint import FORMAT_VERSION, model_fingerprint, read_checkpoint
 from .config import LMConfig
+from .distill import frozen_copy, lm_kd_loss
 from .loop import Objective, finish_run_dir, fit, in_run_folder
 from .plan import LoopState
 from .methods import get_method
 from .perplexity import perplexity
+from .recipes import get_recipe
 from .runtime import autocast, launch, peak_memory_mb, versions
 from .schedules import lr_lambda
 
@@ -84,7 +86,8 @@ def _train_lm(cfg: LMConfig, resume: bool, target: Path) -> dict:
     procs, device = launch(cfg.seed, cfg.device, cfg.batch_size)
     location = resolve(cfg.model)
     tokenizer = load_tokenizer(location)
-    blocks_ = pack(tokenize_files(cfg.text_files, tokenizer), cfg.block_size)
+    stream, file_tokens = tokenize_corpus(cfg.text_files, tokenizer, cfg.drop_unk)
+    blocks_ = pack(stream, cfg.block_size)
     eval_stream = eval_ids(cfg.eval_text_file, tokenizer, cfg.eval_tokens)
     model = load_causal_lm(location)
     fingerprint = model_fingerprint(model)
@@ -92,8 +95,11 @@ def _train_lm(cfg: LMConfig, resume: bool, target: Path) -> dict:
 
     per_epoch = math.ceil(len(blocks_) / cfg.batch_size)
     total = cfg.total_steps(per_epoch)
-    objective = LanguageModelling(blocks_, eval_stream, cfg.window, cfg.stride, cfg.eval_batch_size, cfg.eval_amp,
-                                  cfg.progress, name=f"{cfg.method} lm", steps_per_epoch=per_epoch)
+    kd_weight = lm_kd_weight(cfg)
+    args = (blocks_, eval_stream, cfg.window, cfg.stride, cfg.eval_batch_size, cfg.eval_amp, cfg.progress)
+    kw = {"name": f"{cfg.method} lm", "steps_per_epoch": per_epoch}
+    objective = LanguageModelling(*args, **kw) if not kd_weight else \
+        DistilledLanguageModelling(*args, **kw, teacher=frozen_copy(model), weight=kd_weight, temperature=cfg.kd_temperature)
     dense = objective.perplexity(model) if cfg.eval_dense and procs.main else None
 
     method = get_method(cfg.method)
@@ -106,7 +112,7 @@ def _train_lm(cfg: LMConfig, resume: bool, target: Path) -> dict:
     config = {
         "format_version": FORMAT_VERSION, "objective": "lm", "train": {**asdict(cfg), "out": str(target)},
         "model_location": location,
-        "task": "lm", "fingerprint": fingerprint, "train_tokens": int(blocks_.numel()),
+        "task": "lm", "fingerprint": fingerprint, "train_tokens": int(blocks_.numel()), "kd_weight": kd_weight,
         "eval_tokens": int(eval_stream.numel()), "method_config": method.config(), "versions": versions(),
     }
     eval_at = {max(1, round(total * (i + 1) / cfg.evals)) for i in range(cfg.evals)} | {total}
@@ -125,6 +131,8 @@ def _train_lm(cfg: LMConfig, resume: bool, target: Path) -> dict:
         "perplexity": final["dev"]["perplexity"], "dense_perplexity": dense["perplexity"] if dense else None,
         "dense": dense, "window": cfg.window, "stride": cfg.stride, "eval_text_file": str(cfg.eval_text_file),
         "train_text_files": [str(p) for p in cfg.text_files], "train_tokens": int(blocks_.numel()),
+        "train_file_tokens": file_tokens, "drop_unk": cfg.drop_unk, "tokens_seen": st.step * cfg.batch_size * cfg.block_size,
+        "kd_weight": kd_weight, "kd_temperature": cfg.kd_temperature if kd_weight else None,
         "trainable_params": trainable_params, "total_params": dense_params,
         "train_seconds": st.t_train, "seconds_per_step": st.t_train / max(st.step, 1),
         "steady_seconds_per_step": st.steady_seconds_per_step, "graph_steps": st.graph_steps,
@@ -133,3 +141,34 @@ def _train_lm(cfg: LMConfig, resume: bool, target: Path) -> dict:
         "resumed_from_step": ckpt["step"] if ckpt is not None else None, "processes": procs.world,
         **method.summary(model),
     }, procs)
+
+
+def lm_kd_weight(cfg: LMConfig) -> float:
+    """The weight of the KL to the dense model: `--kd-weight`, else the gates recipe's (0 for other methods)."""
+    if cfg.kd_weight is not None:
+        return cfg.kd_weight
+    if cfg.method != "gates":
+        return 0.0
+    return get_recipe(cfg.recipe, cfg.recipe_options).kd_weight
+
+
+class DistilledLanguageModelling(LanguageModelling):
+    """The LM loss mixed with the KL to the dense starting model's next-token distribution:
+    `(1 - w) * LM loss + w * T^2 KL(teacher || student)` at every position (distill.lm_kd_loss).
+
+    The teacher is a frozen copy of the model taken before the method gates it (`frozen_copy`):
+    it stays the dense model whatever trains, and it is rebuilt the same way when a run resumes.
+    It runs under the same autocast as the student; `train_loss` stays the LM loss alone."""
+
+    def __init__(self, *args, teacher: nn.Module, weight: float, temperature: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.teacher, self.weight, self.temperature = teacher, weight, temperature
+
+    def loss(self, runner: nn.Module, batch: dict, idx: list[int]):
+        with autocast(batch["input_ids"].device):
+            out = runner(**batch, use_cache=False)
+            with torch.no_grad():
+                teacher = self.teacher(input_ids=batch["input_ids"], use_cache=False).logits
+        lm_loss = out.loss.float()
+        kd = lm_kd_loss(out.logits, teacher, self.temperature)
+        return (1.0 - self.weight) * lm_loss + self.weight * kd, lm_loss, out, {"kd": kd.detach()}

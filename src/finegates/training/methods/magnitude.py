@@ -238,15 +238,7 @@ def prune_structured(model: nn.Module, sparsity: float, allocation: str = "unifo
             kept += float(kept_params(keep(_open_masks(closed.get(i, {}), lay, gated), lay), lay))
         return 1.0 - kept / dense
 
-    lo, hi = 0, len(order)  # smallest k with removed(k) >= sparsity (monotone in k)
-    if sparsity > 0 and removed(hi) < sparsity:
-        raise ValueError(f"magnitude: closing every unit removes only {removed(hi):.3f} < --sparsity {sparsity}")
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if removed(mid) >= sparsity:
-            hi = mid
-        else:
-            lo = mid + 1
+    lo = fewest_reaching(removed, len(order), sparsity, "magnitude: closing every unit")
     closed = _closed_flags(units, order[:lo])
     with torch.no_grad():
         for i, (lay, gated) in enumerate(layout):
@@ -283,3 +275,18 @@ def _closed_flags(units: list[_Units], chosen: list[tuple[int, int]]) -> dict[in
     for ui, pos in chosen:
         flags[units[ui].block][units[ui].kind][pos] = True
     return flags
+
+
+def fewest_reaching(removed, n: int, sparsity: float, what: str) -> int:
+    """The smallest k in [0, n] with `removed(k) >= sparsity`, by bisection (`removed`, the fraction
+    removed by closing the k lowest-ranked units, grows with k); `what` names the n units."""
+    if sparsity > 0 and removed(n) < sparsity:
+        raise ValueError(f"{what} removes only {removed(n):.3f} < --sparsity {sparsity}")
+    lo, hi = 0, n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if removed(mid) >= sparsity:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
