@@ -40,8 +40,8 @@ def compress(
     out: Path = typer.Option(..., "--out", help="Folder to write the compressed model to."),
     examples: int = typer.Option(64, help="Eval examples on which gated and compressed logits are compared."),
     tolerance: float = typer.Option(
-        1e-4, help="Largest max |logit diff| (compressed vs gated, on those examples) accepted; beyond it "
-        "compress exits non-zero and writes nothing."),
+        1e-4, help="Largest max |logit diff| (compressed vs gated, on those examples) accepted, relative to the "
+        "logits' scale: tolerance x max(1, max |logit|); beyond it compress exits non-zero and writes nothing."),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Bake the trained gates and delete every closed row/column: a smaller model, same outputs.
