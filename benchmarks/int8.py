@@ -1,22 +1,26 @@
 """int8 after compression: dense fp32 PyTorch vs compressed fp32 PyTorch / ONNX Runtime / int8 ONNX Runtime.
 
-    .venv/bin/python benchmarks/int8.py --run RUN_DIR          # a finished MRPC gates run (MiniLM)
-      (the recorded result: --run runs/mrpc-short, made by
-       finegates train --task mrpc --data-dir data/MRPC --epochs 1 --weight-lr 8e-5 --head-lr 1e-3 --out runs/mrpc-short)
+    .venv/bin/python benchmarks/int8.py --run RUN_DIR --label NAME   # a finished classification gates run
+      (the recorded results: --run runs/demo/run --label "MiniLM-L6 (embedded)", the run `make demo`
+       leaves; --run runs/mpnet-rte/run --label "MPNet-base (all-mpnet-base-v2)", a GPU-trained
+       frozen-recipe RTE run, see BENCHMARKS.md section 2c)
 
 Steps: compress the run (`finegates compress`, unless OUT/compressed exists), export the compressed
-model to ONNX and quantize it to int8 (`finegates export --int8`'s code), score all four variants on
-the whole dev set, then time them with `finegates bench --int8` (batch 8 x seq 128, 2 threads,
-all models in one process in alternating blocks), `--repeats` times; latencies are the medians of
-the repeats' medians. The dense row is the run's own model with its gates baked in at their
-evaluation values (dense shapes: the model compression starts from). Writes
-benchmarks/results/int8.json and .md with the machine, the load average and the commit.
+model to ONNX and quantize it to int8 (`finegates export --int8`'s code; ONNX files are always made
+anew), score all four variants on the whole dev set of the run's task, then time them with
+`finegates bench --int8` (batch 8 x seq 128, 2 threads, all models in one process in alternating
+blocks), `--repeats` times; latencies are the medians of the repeats' medians. The dense row is the
+run's own model with its gates baked in at their evaluation values (dense shapes: the model
+compression starts from). Writes benchmarks/results/int8.json and .md with the machine, the load
+average and the commit, per model: rows of other models already in the file are kept.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -68,17 +72,20 @@ def scores(run_dir: Path, compressed_dir: Path, onnx: dict[str, Path]) -> dict[s
     with torch.inference_mode():
         for name, fn in fns.items():
             metrics = M.compute(spec.metrics, labels, predictions(fn, batches))
-            out[name] = {**metrics, "score": 100 * M.main_score(metrics, spec.metrics), "metric": "+".join(spec.metrics)}
+            out[name] = {**metrics, "score": 100 * M.main_score(metrics, spec.metrics), "metric": "+".join(spec.metrics),
+                         "n": len(labels)}
     return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", type=Path, required=True, help="finished gates run directory (MRPC, MiniLM)")
-    p.add_argument("--out", type=Path, default=Path("runs/int8"), help="working folder (compressed model, ONNX files)")
+    p.add_argument("--run", type=Path, required=True, help="finished classification gates run directory")
+    p.add_argument("--label", required=True, help="model name in the results (rows of this name are replaced)")
+    p.add_argument("--out", type=Path, help="working folder (compressed model, ONNX files); default RUN/../int8")
     p.add_argument("--runs", type=int, default=30, help="timed passes per model per repeat")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--note", default="", help="provenance of the run, kept in the results")
     p.add_argument("--results", type=Path, default=Path("benchmarks/results/int8.json"))
     args = p.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -86,21 +93,21 @@ def main() -> None:
 
     transformers.logging.set_verbosity_error()
     from finegates.bench.latency import BenchConfig, bench, machine_info
-    from finegates.pipeline import compress_run
     from finegates.compression.saved import load
     from finegates.export import export_onnx, quantize_int8
+    from finegates.pipeline import compress_run
     from finegates.training.checkpoint import read_run_config
 
     torch.set_num_threads(args.threads)
-    compressed_dir = args.out / "compressed"
+    out = args.out or args.run.parent / "int8"
+    compressed_dir = out / "compressed"
     if not (compressed_dir / "config.json").is_file():
         compress_run(args.run, compressed_dir)
-    onnx_dir = args.out / "onnx"
+    onnx_dir = out / "onnx"  # anew: files of an older export would be timed otherwise
+    shutil.rmtree(onnx_dir, ignore_errors=True)
     onnx = {"fp32": onnx_dir / "compressed.onnx", "int8": onnx_dir / "compressed-int8.onnx"}
-    if not onnx["fp32"].is_file():
-        export_onnx(load(compressed_dir), onnx["fp32"])
-    if not onnx["int8"].is_file():
-        quantize_int8(onnx["fp32"], onnx["int8"])
+    export_onnx(load(compressed_dir), onnx["fp32"])
+    quantize_int8(onnx["fp32"], onnx["int8"])
     dev = scores(args.run, compressed_dir, onnx)
     print({k: round(v["score"], 2) for k, v in dev.items()}, flush=True)
 
@@ -114,16 +121,17 @@ def main() -> None:
 
     run_cfg = read_run_config(args.run)
     task = run_cfg["train"].get("task") or "own data"
-    rows = [{"model": "MiniLM-L6 (embedded)", "task": task, "variant": v, "latency_ms": latency[v],
-             "score": dev[v]["score"], "metrics": {k: dev[v][k] for k in dev[v] if k not in ("score", "metric")},
+    rows = [{"model": args.label, "task": task, "variant": v, "latency_ms": latency[v],
+             "score": dev[v]["score"], "metrics": {k: dev[v][k] for k in dev[v] if k not in ("score", "metric", "n")},
              "speedup_vs_dense": latency["dense-fp32-torch"] / latency[v]} for v in VARIANTS]
     report = repeats[-1]
     meta = {
-        "benchmark": "int8 after compression", "commit": git_commit(), "machine": machine_info(),
-        "command": " ".join(["python", "benchmarks/int8.py", *sys.argv[1:]]),
-        "run": str(args.run), "train": {k: run_cfg["train"].get(k) for k in ("epochs", "max_length", "batch_size",
-                                                                              "recipe", "sparsity", "head_lr", "recipe_options")},
-        "score": f"dev {dev['dense-fp32-torch']['metric']} mean x 100, all dev examples",
+        "commit": git_commit(), "machine": machine_info(),
+        "command": " ".join(["python", "benchmarks/int8.py", *sys.argv[1:]]), "note": args.note,
+        "run": str(args.run), "model_location": run_cfg.get("model_location"),
+        "train": {k: run_cfg["train"].get(k) for k in ("task", "epochs", "max_length", "batch_size", "recipe",
+                                                         "sparsity", "lr", "head_lr", "recipe_options")},
+        "score": f"dev {dev['dense-fp32-torch']['metric']} mean x 100, all {dev['dense-fp32-torch']['n']} dev examples",
         "settings": {"threads": args.threads, "batch": 8, "seq": 128, "runs_per_repeat": args.runs,
                      "repeats": args.repeats, "warmup": 5, "timing": "one process, models in alternating blocks"},
         "layer_params_removed_fraction": report["layer_params_removed_fraction"],
@@ -133,35 +141,54 @@ def main() -> None:
         "also_timed_ms": extra,
         "shared_machine": "2 cores shared with other jobs while this ran (see load averages)",
     }
-    write_results(args.results, meta, rows, markdown(meta, rows))
-    print(markdown(meta, rows))
+    models, rows = merged(args.results, args.label, meta, rows)
+    all_meta = {"benchmark": "int8 after compression", "models": models}
+    write_results(args.results, all_meta, rows, markdown(all_meta, rows))
+    print(markdown(all_meta, rows))
+
+
+def merged(path: Path, label: str, meta: dict, rows: list[dict]) -> tuple[dict, list[dict]]:
+    """(per-model meta, rows) of the results at `path` with model `label`'s replaced by these."""
+    old = json.loads(path.read_text()) if path.is_file() else {"meta": {}, "runs": []}
+    models = old["meta"].get("models")
+    if models is None:  # the one-model format of earlier versions
+        models = {old["runs"][0]["model"]: old["meta"]} if old["runs"] else {}
+    models = {k: v for k, v in models.items() if k != label} | {label: meta}
+    return models, [r for r in old["runs"] if r["model"] != label] + rows
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
+    lines = ["# int8 after compression, CPU", ""]
+    for label, m in meta["models"].items():
+        lines += _model_markdown(label, m, [r for r in rows if r["model"] == label])
+    return "\n".join(lines)
+
+
+def _model_markdown(label: str, meta: dict, rows: list[dict]) -> list[str]:
     m = meta["machine"]
     loads = [r["before"][0] for r in meta["load_avg_per_repeat"]]
+    names = list(rows[0]["metrics"])
     lines = [
-        "# int8 after compression: MiniLM-L6 on MRPC, CPU", "",
+        f"## {label} on {rows[0]['task'].upper()}", "",
         f"Commit `{meta['commit']}`. Machine: {m['cpu']}, {m['cpus']} CPUs, torch {m['torch']}, onnxruntime "
         f"{m['onnxruntime']}. Shared machine: load average {min(loads):.1f}-{max(loads):.1f} while timing.",
         f"Run `{meta['run']}` ({meta['train']}); {100 * meta['layer_params_removed_fraction']:.1f}% of transformer-layer "
-        "parameters removed.",
+        "parameters removed." + (f" {meta['note']}" if meta.get("note") else ""),
         f"Latency: batch 8 x 128 tokens, {meta['settings']['threads']} threads, median of {meta['settings']['repeats']} "
         f"repeats' medians ({meta['settings']['runs_per_repeat']} runs each, all models in alternating blocks). "
         f"Score: {meta['score']}.", "",
-        "| variant | latency (ms) | speed-up vs dense fp32 PyTorch | dev score | accuracy / F1 |",
+        f"| variant | latency (ms) | speed-up vs dense fp32 PyTorch | dev score | {' / '.join(names)} |",
         "|---|---:|---:|---:|---:|",
     ]
     for r in rows:
-        mt = r["metrics"]
-        lines.append(f"| {r['variant']} | {r['latency_ms']:.1f} | {r['speedup_vs_dense']:.2f}x | {r['score']:.2f} | "
-                     f"{100 * mt.get('accuracy', float('nan')):.1f} / {100 * mt.get('f1', float('nan')):.1f} |")
+        values = " / ".join(f"{100 * r['metrics'][k]:.1f}" for k in names)
+        lines.append(f"| {r['variant']} | {r['latency_ms']:.1f} | {r['speedup_vs_dense']:.2f}x | {r['score']:.2f} | {values} |")
     mb = meta["onnx_mb"]
     lines += ["", f"ONNX files: compressed fp32 {mb['compressed']:.1f} MiB, int8 {mb['compressed-int8']:.1f} MiB "
               f"(dense fp32 {mb['dense']:.1f} MiB, dense int8 {mb['dense-int8']:.1f} MiB). Also timed: dense fp32 ONNX "
               f"{meta['also_timed_ms']['dense-onnx']:.1f} ms, dense int8 ONNX {meta['also_timed_ms']['dense-int8-onnx']:.1f} ms.",
               ""]
-    return "\n".join(lines)
+    return lines
 
 
 if __name__ == "__main__":

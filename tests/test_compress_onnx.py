@@ -10,7 +10,9 @@ from finegates.export import export_onnx, onnx_max_abs_diff, quantize_int8
 from compress_models import gated, inputs
 
 
-@pytest.mark.parametrize("family", ["bert", "qwen2"])  # encoder; RoPE decoder with GQA and q/k/v biases
+# encoders (DistilBERT: its own attention module; MPNet: relative position bias, eager-only attention)
+# and a RoPE decoder with GQA and q/k/v biases
+@pytest.mark.parametrize("family", ["bert", "distilbert", "mpnet", "qwen2"])
 def test_onnx_matches_pytorch(family, tmp_path):
     c = compress(gated(family, "edges"))
     path = export_onnx(c, tmp_path / "m.onnx")
@@ -34,3 +36,19 @@ def test_int8_quantizes_every_projection_and_stays_close(tmp_path):
     assert int8.stat().st_size < fp32.stat().st_size
     batches = [inputs(seed=1, batch=3, seq=11)]
     assert 1e-5 < onnx_max_abs_diff(c, int8, batches) < 5e-2  # really quantized, and close
+
+
+def test_export_traces_eager_attention_and_sessions_skip_slow_fusions(tmp_path):
+    import onnx
+
+    from finegates.export import ort_session
+
+    c = compress(gated("roberta", "edges"))
+    assert c.config._attn_implementation == "sdpa"
+    path = export_onnx(c, tmp_path / "m.onnx")
+    assert c.config._attn_implementation == "sdpa"  # restored after the export
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert "Softmax" in ops and "IsNaN" not in ops  # SDPA's decomposition guards every score with IsNaN + Where
+    ort_session(path, 1, save_optimized=tmp_path / "opt.onnx")
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    assert "SkipLayerNormalization" not in ops and ops.count("LayerNormalization") == 7  # embeddings + 2 per layer

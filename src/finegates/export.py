@@ -4,14 +4,19 @@
     diff = onnx_max_abs_diff(model, path, batch)     # PyTorch vs ONNX Runtime on real inputs
     quantize_int8(path, "model-int8.onnx")           # dynamic int8 weights for CPU inference
 
-Batch and sequence axes are dynamic. `CompactAttention` exports as plain Gather/MatMul/SDPA ops,
-so a compressed model needs no custom operator.
+Batch and sequence axes are dynamic. `CompactAttention` exports as plain MatMul/Softmax ops, so
+a compressed model needs no custom operator.
+
+Two choices here were measured, not assumed (compressed int8 MiniLM-L6, batch 8 x 128, 2 CPU cores,
+ONNX Runtime 1.32; BENCHMARKS.md section 2c): attention is traced in its eager form, and sessions
+skip ONNX Runtime's SkipLayerNormalization fusion. Together: 67 -> 45 ms, timed interleaved.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -50,8 +55,29 @@ def _example(names: list[str], batch: int = 2, seq: int = 16) -> tuple[torch.Ten
     return tuple({"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}[n] for n in names)
 
 
+@contextmanager
+def eager_attention(model: nn.Module):
+    """Run attention as matmul-softmax-matmul inside the block (then restore the model's choice).
+
+    Why: the exporter decomposes SDPA with a NaN guard over every attention score (IsNaN + Where, for
+    rows with no visible key) and a K transpose through Shape/Slice/Concat/Reshape; on ONNX Runtime's
+    CPU those nodes took a fifth of int8 MiniLM's time. Eager attention computes the same
+    scores and outputs (a row with no visible key is one no output reads), and every family has it.
+    Families that only have eager attention (MPNet) are left as they are.
+    """
+    before = model.config._attn_implementation
+    switch = before != "eager" and getattr(model, "_can_set_attn_implementation", lambda: False)()
+    if switch:
+        model.set_attn_implementation("eager")
+    try:
+        yield model
+    finally:
+        if switch:
+            model.set_attn_implementation(before)
+
+
 def export_onnx(model: nn.Module, path, opset: int = 18) -> Path:
-    """Write `model` as ONNX (dynamic batch and sequence axes), atomically."""
+    """Write `model` as ONNX (dynamic batch and sequence axes, eager attention), atomically."""
     model = model.eval()
     names = input_names(model)
     wrapper = _Logits(model, names).eval()
@@ -61,7 +87,7 @@ def export_onnx(model: nn.Module, path, opset: int = 18) -> Path:
 
     def write(tmp: str) -> None:
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed"
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), eager_attention(model):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(wrapper, example, input_names=names, output_names=["logits"],
                                         dynamic_shapes=dynamic, opset_version=opset, dynamo=True,
@@ -79,6 +105,8 @@ def quantize_int8(src, dst) -> Path:
     activations are quantized per batch at run time, so no calibration data is needed. Attention's
     activation-by-activation MatMuls stay fp32 (`MatMulConstBOnly`). That is ONNX Runtime's
     recommended mode for transformers on CPU; per-channel scales keep small models within a point.
+    Measured and not taken (int8 MiniLM, 2 cores): quantizing attention's MatMuls too, or one scale
+    per tensor, changed latency by less than the noise (~2 ms of ~44).
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -95,7 +123,17 @@ def quantize_int8(src, dst) -> Path:
     return atomic_write(Path(dst), write)
 
 
-def ort_session(path, threads: int | None = None):
+# ONNX Runtime fusions that make these graphs slower on CPU. SkipLayerNormalization (residual Add +
+# LayerNorm in one kernel) ran 8x slower than the Add and LayerNormalization it replaces (1.07 vs
+# 0.14 ms at 8 x 128 x 384, ONNX Runtime 1.32, 2 cores): int8 MiniLM 55 -> 45 ms without it.
+SLOW_FUSIONS = ("SkipLayerNormFusion",)
+
+
+def ort_session(path, threads: int | None = None, save_optimized=None):
+    """A CPU session with every graph optimization except `SLOW_FUSIONS`; `threads` intra-op threads.
+
+    `save_optimized`: also write the graph ONNX Runtime runs after its fusions there (to inspect them).
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -103,7 +141,10 @@ def ort_session(path, threads: int | None = None):
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    if save_optimized:
+        opts.optimized_model_filepath = str(save_optimized)
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(SLOW_FUSIONS))
 
 
 def ort_feed(session, batch: dict[str, torch.Tensor]) -> dict:
