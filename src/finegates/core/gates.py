@@ -124,7 +124,7 @@ class Gate(nn.Module):
 
     def values(self) -> torch.Tensor:
         """Deterministic evaluation values (what gets baked into the weights)."""
-        return (self.mu + OFFSET).clamp(0.0, 1.0)
+        return sample(self.theta, self.param, training=False)
 
     def open_prob(self) -> torch.Tensor:
         """P(open) = Phi((mu + 0.5) / sigma): the differentiable quantity the penalty acts on."""
