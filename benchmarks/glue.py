@@ -87,10 +87,14 @@ def collect(runs: Path) -> list[dict]:
         rows.append({"method": mfile.parents[2].name, "lr": mfile.parents[1].name[2:], "task": task,
                      "seed": m["seed"], "run_dir": str(mfile.parent), "dev": m["dev"],
                      "score": m["dev"][MAIN_METRIC[task]], "trainable_params": m["trainable_params"],
+                     "total_params": m.get("total_params"),
+                     "recipe": m.get("recipe") if cfg["train"]["method"] == "gates" else None,
                      "gate_params": m.get("gate_params"), "removable_fraction": m.get("removable_fraction"),
                      "unstructured_sparsity": m.get("sparsity"), "train_seconds": m.get("train_seconds"),
                      "seconds_per_step": m["seconds_per_step"], "peak_memory_mb": m["peak_memory_mb"],
                      "device": m["device"], "structured": cfg["train"]["method"] in STRUCTURED,
+                     # what training counted as removable; `measure` replaces it by what compress deleted
+                     "layer_params_removed_fraction": m.get("removable_fraction") or 0.0,
                      "sparsity_target": cfg["train"].get("sparsity")})
     return rows
 
@@ -274,6 +278,9 @@ def cmd_report(args) -> None:
     from benchmarks.report import git_commit, write_results
 
     rows = collect(Path(args.runs))
+    if args.config:  # a runs folder shared with a study: only the config's methods
+        methods = json.loads(Path(args.config).read_text())["methods"]
+        rows = [r for r in rows if r["method"] in methods]
     chosen = select(rows)
     if args.measure:
         measure(chosen, args.threads, args.runs_per_model)
@@ -288,7 +295,7 @@ def cmd_report(args) -> None:
     figures = plots(chosen, lines, Path(args.figures))
     md = (f"<!-- commit {meta['commit']} -->\n## Main table (mean over seeds, lr chosen on dev)\n\n{table(lines, tasks)}\n\n"
           f"## Per task: mean ± sd, seeds, chosen lr\n\n{seeds_table(lines, tasks)}\n\n"
-          f"## Sparsity sweep (gates, our recipe)\n\n{table(sweep, sweep_tasks)}\n\n"
+          + (f"## Sparsity sweep (gates, our recipe)\n\n{table(sweep, sweep_tasks)}\n\n" if sweep_tasks else "")
           + "".join(f"![]({Path(f).relative_to(Path(args.results).parent)})\n" for f in figures))
     write_results(args.results, meta, chosen, md)
     print(md)
@@ -332,8 +339,10 @@ def main() -> None:
     r.add_argument("--leading", default=None, help="JSON {method: {task: lr}}: run these lrs first within a seed")
     r.add_argument("--methods", default=None, help="comma-separated subset of the config's methods (default: all)")
     r.set_defaults(fn=cmd_run)
-    add_report_parser(sub, cmd_report, runs="runs/glue", results="benchmarks/results/glue.json",
-                      figures="benchmarks/results/figures")
+    s = add_report_parser(sub, cmd_report, runs="runs/glue", results="benchmarks/results/glue.json",
+                          figures="benchmarks/results/figures")
+    s.add_argument("--config", default=None, help="report only this grid config's methods (a runs folder shared "
+                   "with a study, e.g. runs/base1 with benchmarks/glue_base.json)")
     args = p.parse_args()
     args.fn(args)
 

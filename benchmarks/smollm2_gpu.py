@@ -257,7 +257,7 @@ def cmd_model(args) -> None:
     if left <= t_step * args.calib_steps:
         log(f"{name}: warning: loading and measuring leave no time for training within {args.minutes} min; "
             f"training the minimum of {args.calib_steps} steps (the JSON's minutes show the overrun)")
-    steps = max(args.calib_steps, int(left / (t_step * 1.03)))
+    steps = max(args.calib_steps, int(left / (t_step * args.step_margin)))
     steps = min(steps, args.max_steps) if args.max_steps else steps
     log(f"{name}: {t_step * 1e3:.0f} ms/step measured over {args.calib_steps} steps, overhead {overhead:.0f}s; "
         f"{left:.0f}s left for training -> {steps} steps of {args.batch_size} x {WINDOW} tokens")

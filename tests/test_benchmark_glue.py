@@ -114,3 +114,27 @@ def test_a_run_killed_between_training_and_compressing_is_compressed_not_retrain
     run_one(json.dumps(job))
     assert calls == [("train", True), ("compress", tmp_path / ".run.compressed")]  # resume: a complete run returns as is
     assert _finished(job) and not (out / "compressed" / finegates.compression.WEIGHTS).exists()
+
+
+def test_report_on_a_shared_folder_keeps_the_configs_methods_with_their_recipe(tmp_path):
+    import argparse
+    import json
+
+    from benchmarks.glue import cmd_report
+
+    runs = tmp_path / "runs"
+    for name, method, recipe in (("frozen", "gates", "frozen"), ("study-variant", "gates", "fast"), ("full", "full", None)):
+        d = runs / name / "lr0.001" / "mrpc-s0"
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(json.dumps({"train": {"method": method, "sparsity": 0.4}}))
+        (d / "metrics.json").write_text(json.dumps({
+            "task": "mrpc", "seed": 0, "dev": {"accuracy": 0.8, "f1": 0.85}, "trainable_params": 10, "total_params": 100,
+            "seconds_per_step": 0.1, "peak_memory_mb": 1.0, "device": "cuda", "removable_fraction": 0.4, "recipe": recipe}))
+    (tmp_path / "cfg.json").write_text(json.dumps({"methods": {"frozen": {}, "full": {}}}))
+    args = argparse.Namespace(runs=str(runs), config=str(tmp_path / "cfg.json"), measure=False, threads=2,
+                              results=str(tmp_path / "out" / "glue_base.json"), figures=str(tmp_path / "out" / "fig"))
+    cmd_report(args)
+    rows = json.loads((tmp_path / "out" / "glue_base.json").read_text())["runs"]
+    assert {(r["method"], r["recipe"], r["total_params"]) for r in rows} == {("frozen", "frozen", 100), ("full", None, 100)}
+    frozen = next(r for r in rows if r["method"] == "frozen")
+    assert frozen["layer_params_removed_fraction"] == 0.4  # training's count until compressed

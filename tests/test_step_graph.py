@@ -61,9 +61,25 @@ def test_replayed_steps_train_like_eager_steps(tmp_path, method, recipe, options
                           method_options={"dropout": "0"} if method == "lora" else {})
         runs[graphs] = (train(cfg), load_file(str(cfg.out / "trainable.safetensors")))
     (eager, eager_t), (graphed, graphed_t) = runs[False], runs[True]
-    assert eager["graph_steps"] == 0 and graphed["graph_steps"] == graphed["steps"] == 20
+    assert eager["graph_steps"] == 0 and graphed["graph_steps"] == graphed["steps"] == 20, graphed["graph_fallback"]
     assert graphed_t.keys() == eager_t.keys()
     for k, v in eager_t.items():
         torch.testing.assert_close(graphed_t[k], v, rtol=1e-3, atol=1e-4, msg=lambda m: f"{k}: {m}")
     if recipe == "frozen":  # closes by decision, on schedule (fast's penalty needs more than 20 steps)
         assert graphed["removable_fraction"] == eager["removable_fraction"] > 0.3
+
+
+@cuda
+def test_host_constants_made_while_capturing_are_replayed_from_pinned_memory():
+    from finegates.training.step_graph import PinnedConstants
+
+    x = torch.ones(4, device="cuda")
+    constants = PinnedConstants(capacity=256)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), constants:  # a pageable copy would fail the capture
+        y = x * torch.tensor(3.0, device="cuda") + torch.arange(4).to("cuda", torch.float32)
+    x.fill_(2.0)
+    graph.replay()
+    torch.testing.assert_close(y, torch.tensor([6.0, 7.0, 8.0, 9.0], device="cuda"))
+    with pytest.raises(RuntimeError, match="bytes of host constants"):
+        constants.send(torch.zeros(300, dtype=torch.uint8), torch.device("cuda"))

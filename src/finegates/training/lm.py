@@ -135,7 +135,7 @@ def _train_lm(cfg: LMConfig, resume: bool, target: Path) -> dict:
         "kd_weight": kd_weight, "kd_temperature": cfg.kd_temperature if kd_weight else None,
         "trainable_params": trainable_params, "total_params": dense_params,
         "train_seconds": st.t_train, "seconds_per_step": st.t_train / max(st.step, 1),
-        "steady_seconds_per_step": st.steady_seconds_per_step, "graph_steps": st.graph_steps,
+        "steady_seconds_per_step": st.steady_seconds_per_step, "graph_steps": st.graph_steps, "graph_fallback": st.graph_fallback,
         "peak_memory_mb": st.peak_mb if st.peak_mb is not None else peak_memory_mb(device), "device": str(device),
         "complete": True,
         "resumed_from_step": ckpt["step"] if ckpt is not None else None, "processes": procs.world,

@@ -160,6 +160,8 @@ def fit(model: nn.Module, method: Method, groups: list[dict], objective: Objecti
             done = step_fn(batch)
         else:
             st.graph_steps += 1
+        if replayer is not None and replayer.failed:
+            st.graph_fallback = replayer.failed
         loss, task_loss, logs = done
         # a clip at inf measures the norm and scales by exactly 1
         norm = torch.nn.utils.clip_grad_norm_(clipped, plan.grad_clip if plan.grad_clip > 0 else math.inf)

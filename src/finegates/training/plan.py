@@ -47,6 +47,7 @@ class LoopState:
     peak_mb: float | None = None  # training's peak memory (before the last evaluation)
     steady_seconds_per_step: float | None = None  # after this process's first steps (loop.WARM_STEPS)
     graph_steps: int = 0  # steps replayed as a CUDA graph (step_graph.py)
+    graph_fallback: str | None = None  # why steps ran eagerly though CUDA graphs were asked for
     data: str | None = None  # fingerprint of the training data: a resumed run must see the same
 
     def as_dict(self) -> dict:

@@ -43,7 +43,7 @@ class StepGraph:
         self.constants = PinnedConstants()
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side), self.constants:  # eager passes: host tensors sent to the GPU are pinned now
+        with torch.cuda.stream(side):
             for _ in range(WARMUP):
                 _clear(params)
                 fn(self.static)
@@ -51,7 +51,7 @@ class StepGraph:
         discard()  # what the warm-up passes gathered (Taylor sums) belongs to no step
         _clear(params)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), self.constants.capturing():
+        with torch.cuda.graph(self.graph), self.constants:
             self.outputs = fn(self.static)
         self.grads = [p.grad for p in params]  # the graph's gradient buffers (None: a parameter it does not reach)
 
@@ -66,50 +66,43 @@ class StepGraph:
 
 
 class PinnedConstants(torch.overrides.TorchFunctionMode):
-    """Host-to-device copies of a captured step, made from pinned host memory.
+    """Host-to-device copies made while a step is captured, served from one pinned host buffer.
 
     A capture allows a host-to-device copy only from pinned memory, and model code makes such
-    copies: transformers' attention-mask code (`torch.tensor(0.0, device=...)`), MPNet's relative
-    position buckets in some transformers versions (computed on the host, then `.to(device)`).
-    Within a step of fixed shapes their data is a constant of the code (shapes, not batch values:
-    the batch is on the device already), so the graph may copy it again from the same pinned
-    buffer at each replay. Host tensors sent to the device are pinned during the eager warm-up
-    passes (no pinned allocation inside a capture) and found again by their content while
-    capturing; one not seen in warm-up goes through unchanged (the capture then fails cleanly and
-    the loop runs eagerly). The buffers live as long as the graph (this object is kept with it).
-
-    Verified on an H200 for BERT (tests/test_step_graph.py); MPNet under transformers 5.17, whose
-    buckets go to the device by `.to`, is not yet (capture failed there before this record-and-
-    reuse; see docs/gpu.md).
+    copies: transformers' attention-mask code (`torch.tensor(0.0, device=...)`, taken only while
+    capturing: with no padding the eager passes skip the mask), MPNet's relative position buckets
+    in some transformers versions (computed on the host, then `.to(device)`). Within a step of fixed
+    shapes their data is a constant of the code (shapes, not batch values: the batch is on the
+    device already), so the graph may copy it again from the same pinned bytes at each replay.
+    The buffer is allocated before the capture (a capture cannot allocate pinned memory) and lives
+    as long as the graph (this object is kept with it); a step that needs more fails its capture
+    with a message, and the loop runs eagerly.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, capacity: int = 1 << 20) -> None:
         super().__init__()
-        self.pinned: dict[tuple, torch.Tensor] = {}  # content -> its pinned copy
-        self.recording = True
+        self.pool = torch.empty(capacity, dtype=torch.uint8).pin_memory()
+        self.used = 0
 
-    def capturing(self) -> "PinnedConstants":
-        self.recording = False
-        return self
+    def send(self, host: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """`host` copied to `device` from the pool (asynchronous: the copy is a node of the graph)."""
+        data = host.detach().contiguous().reshape(-1).view(torch.uint8)
+        start = -(-self.used // 64) * 64  # aligned for any dtype
+        if start + data.numel() > self.pool.numel():
+            raise RuntimeError(f"step_graph: more than {self.pool.numel()} bytes of host constants in one step")
+        slot = self.pool[start:start + data.numel()]
+        slot.copy_(data)
+        self.used = start + data.numel()
+        return slot.view(host.dtype).view(host.shape).to(device, non_blocking=True)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        device = kwargs.get("device")
-        if func is torch.tensor and device is not None and torch.device(device).type == "cuda":
-            key = ("tensor", repr(args), repr(sorted(kwargs.items())))
-            if self.recording and key not in self.pinned:
-                self.pinned[key] = torch.tensor(*args, **{**kwargs, "device": "cpu"}).pin_memory()
-            if not self.recording and key in self.pinned:
-                return self.pinned[key].to(device, non_blocking=True)
-        if func is torch.Tensor.to and args and args[0].device.type == "cpu" and args[0].numel() <= 1 << 20:
-            host = args[0].detach()
-            key = (host.dtype, tuple(host.shape), host.contiguous().numpy().tobytes())
-            if not self.recording and key in self.pinned:  # an asynchronous copy: a capture cannot wait
-                return func(self.pinned[key], *args[1:], **{**kwargs, "non_blocking": True})
-            out = func(*args, **kwargs)
-            if self.recording and out.device.type == "cuda":
-                self.pinned.setdefault(key, host.pin_memory())
-            return out
+        if func is torch.tensor and kwargs.get("device") is not None and torch.device(kwargs["device"]).type == "cuda":
+            return self.send(torch.tensor(*args, **{**kwargs, "device": "cpu"}), torch.device(kwargs["device"]))
+        if func is torch.Tensor.to and args and isinstance(args[0], torch.Tensor) and args[0].device.type == "cpu":
+            device, dtype, _, _ = torch._C._nn._parse_to(*args[1:], **kwargs)
+            if device is not None and device.type == "cuda":
+                return self.send(args[0] if dtype is None else args[0].to(dtype), device)
         return func(*args, **kwargs)
 
 
@@ -127,7 +120,7 @@ class StepReplayer:
                  say: Callable[[str], None]) -> None:
         self.params, self.discard, self.batch_size, self.say = params, discard, batch_size, say
         self.current: StepGraph | None = None
-        self.failed = False
+        self.failed: str | None = None  # why capture failed: the run's metrics say it
         self.captures = 0
 
     def step(self, fn: Callable[[dict], tuple], batch: dict[str, torch.Tensor], method_key) -> tuple | None:
@@ -139,10 +132,10 @@ class StepReplayer:
             try:
                 self.current = StepGraph(fn, batch, self.params, self.discard, key)
             except RuntimeError as e:
-                self.failed = True
+                self.failed = f"CUDA graph capture failed ({str(e).splitlines()[0][:160]}); training steps run eagerly"
                 self.discard()
                 _clear(self.params)
-                self.say(f"CUDA graph capture failed ({str(e).splitlines()[0][:160]}); training steps run eagerly")
+                self.say(self.failed)
                 return None
             self.captures += 1
         return self.current.run(batch)
