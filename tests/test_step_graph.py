@@ -83,3 +83,14 @@ def test_host_constants_made_while_capturing_are_replayed_from_pinned_memory():
     torch.testing.assert_close(y, torch.tensor([6.0, 7.0, 8.0, 9.0], device="cuda"))
     with pytest.raises(RuntimeError, match="bytes of host constants"):
         constants.send(torch.zeros(300, dtype=torch.uint8), torch.device("cuda"))
+
+
+def test_the_target_of_a_host_to_device_copy_is_read_from_every_spelling():
+    from finegates.training.step_graph import _target
+
+    cuda0 = torch.device("cuda", 0)
+    assert _target(torch.Tensor.to, ("cuda:0",), {}) == (cuda0, None)
+    assert _target(torch.Tensor.to, (), {"device": "cuda:0", "dtype": torch.long, "copy": True}) == (cuda0, torch.long)
+    assert _target(torch.Tensor.to, (torch.float16,), {}) == (None, torch.float16)  # stays on the host
+    assert _target(torch.Tensor.cuda, (0,), {}) == (cuda0, None)
+    assert _target(torch.Tensor.to, ("not a device",), {}) == (None, None)  # runs unchanged

@@ -1,24 +1,28 @@
 """The gated linear map `y = z_r * (W (z_c * x) + b)` as one autograd node that does the minimum.
 
 Written as the composition `x * z_c -> linear -> * z_r`, autograd records three nodes that save
-the scaled input and the bf16 weight copy autocast makes, and runs their backward ops whether or not
-anything needs them. This node computes exactly the gradients that are asked for
+the scaled input, the pre-gate output and the bf16 weight copy autocast makes, and scales two
+activation-sized tensors forward and four backward. This node folds the gates into the weight
+instead (`W_g = Diag(z_r) W Diag(z_c)`, weight-sized: cheaper than any activation-sized product at
+a training batch's token count) and computes exactly the gradients that are asked for
 (`ctx.needs_input_grad`):
 
-    dL/dz_r = sum_tokens dy * (W (z_c x) + b)            needs the pre-gate output, saved
-    dL/dz_c = sum_tokens x * W^T (z_r dy)                needs x, saved by reference (no copy)
-    dL/dx   = z_c * W^T (z_r dy)                         the one input-gradient matmul
-    dL/dW   = (z_r dy)^T (z_c x),  dL/db = sum_tokens z_r dy   only when the weights train
+    dL/dx   = dy W_g                                         the one input-gradient matmul
+    dL/dz_r = sum_tokens dy * y / z_r                        y: the output, saved
+    dL/dz_c = sum_tokens x * dL/dx / z_c                     x: saved by reference (no copy)
+    dL/dW   = Diag(z_r) (dy^T x) Diag(z_c),  dL/db = z_r * sum_tokens dy   only when the weights train
 
-With frozen weights (the `fast` recipe) the only matmuls are the forward and the input gradient,
-and the weight (fp32, a parameter) is re-cast in backward rather than its bf16 copy being kept
-alive from forward to backward. Under autocast the arithmetic, its dtypes and its order are those of
-the composition, so the gradients are the composition's (tests/test_gated_linear.py). The gate
-vectors are inputs, so hooks on them (the Taylor scores, `Gate.track_taylor`) see dL/dz as before.
+Why y and not the pre-gate output: whatever reads y (attention, the activation function) usually
+keeps it anyway, so the node's own memory is x alone; and the backward needs no activation-sized
+product for dL/dx. Why the divisions are safe: a gate at exactly 0 (its unit closed) gets gradient
+0 here, and every gate parameterisation reaches 0 only through a clamp or a closing mask, whose own
+gradient is 0 there, so the gate's parameters receive what they did before; the Taylor hooks
+multiply by z, which is 0. Elsewhere y / z_r is the pre-gate output to the rounding of y's dtype,
+the precision the composition kept it in (tests/test_gated_linear.py compares both with float64).
 
 A low-rank update of the frozen weight (`W' = W + s B A`, GatedLinear's adapter) runs inside the same
-node: its rank-r product A (z_c x) is the only extra tensor kept, where the composition would keep a
-scaled copy of the input and the update's full-width output.
+node with the gates folded into its factors (`A Diag(z_c)`, `Diag(z_r) B`): its rank-r product is
+the only extra tensor kept.
 """
 
 from __future__ import annotations
@@ -38,27 +42,43 @@ def _sum_tokens(t: torch.Tensor) -> torch.Tensor:
     return t.sum(dim=tuple(range(t.dim() - 1)))
 
 
+def _fold(m: torch.Tensor | None, rows: torch.Tensor | None, cols: torch.Tensor | None) -> torch.Tensor | None:
+    """Diag(rows) m Diag(cols), in m's dtype; a None side is all ones."""
+    if m is None:
+        return None
+    if rows is not None:
+        m = m * rows.to(m.dtype).unsqueeze(-1) if m.dim() == 2 else m * rows.to(m.dtype)
+    if cols is not None:
+        m = m * cols.to(m.dtype)
+    return m
+
+
+def _over_gate(total: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """total / z, and 0 where the gate is exactly 0 (see the module docstring)."""
+    dtype = torch.promote_types(torch.promote_types(total.dtype, z.dtype), torch.float32)
+    total, zf = total.to(dtype), z.detach().to(dtype)
+    closed = zf == 0
+    return torch.where(closed, torch.zeros_like(total), total / torch.where(closed, torch.ones_like(zf), zf)).to(z.dtype)
+
+
 class _GatedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, z_r, z_c, lora_a, lora_b, scale):
         dtype = _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):  # casts are explicit: the ones autocast makes
-            xs = (x if z_c is None else x * z_c.to(x.dtype)).to(dtype)
-            y = F.linear(xs, weight.to(dtype), None if bias is None else bias.to(dtype))
+            xc = x.to(dtype)
+            y = F.linear(xc, _fold(weight, z_r, z_c).to(dtype), None if bias is None else _fold(bias, z_r, None).to(dtype))
             h = None
-            if lora_a is not None:  # W' = W + s B A, without forming it: s B (A xs), rank r in between
-                h = F.linear(xs, lora_a.to(dtype))
-                y = y + scale * F.linear(h, lora_b.to(dtype))
-            ypre = y
-            if z_r is not None:
-                y = ypre * z_r.to(dtype)
+            if lora_a is not None:  # s Diag(z_r) B (A Diag(z_c) x), rank r in between
+                h = F.linear(xc, _fold(lora_a, None, z_c).to(dtype))
+                y = y + scale * F.linear(h, _fold(lora_b, z_r, None).to(dtype))
         _, need_w, _, need_zr, need_zc, need_a, need_b, _ = ctx.needs_input_grad
         ctx.dtype, ctx.scale = dtype, scale
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.save_for_backward(
             x if (need_zc or need_w or need_a) else None,  # the caller's tensor: kept alive, not copied
-            weight,  # a parameter: saving it costs nothing (its bf16 copy is made again in backward)
-            ypre if need_zr else None,
+            weight,  # a parameter: saving it costs nothing (its folded copy is made again in backward)
+            y if need_zr else None,
             z_r, z_c, lora_a, lora_b,
             h if need_b else None,  # rank r per token: small
         )
@@ -66,36 +86,33 @@ class _GatedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
-        x, weight, ypre, z_r, z_c, lora_a, lora_b, h = ctx.saved_tensors
+        x, weight, y, z_r, z_c, lora_a, lora_b, h = ctx.saved_tensors
         need_x, need_w, need_b, need_zr, need_zc, need_la, need_lb, _ = ctx.needs_input_grad
         dtype, scale = ctx.dtype, ctx.scale
         gx = gw = gb = gzr = gzc = gla = glb = None
         with torch.autocast(gy.device.type, enabled=False):
             gy = gy.to(dtype)
             if need_zr:
-                gzr = _sum_tokens(gy * ypre).to(z_r.dtype)
-            g = gy if z_r is None else gy * z_r.to(dtype)  # dL/d(pre-gate output)
+                gzr = _over_gate(_sum_tokens(gy * y), z_r)
             if need_b:
-                gb = _sum_tokens(g).to(ctx.bias_dtype)
-            gh = None if lora_a is None else scale * g.matmul(lora_b.to(dtype))  # dL/dh, rank r
+                gb = _fold(_sum_tokens(gy).to(ctx.bias_dtype), z_r, None)
+            gh = None if lora_a is None else scale * gy.matmul(_fold(lora_b, z_r, None).to(dtype))  # dL/dh, rank r
             if need_lb:
-                glb = scale * _token_outer(g, h).to(lora_b.dtype)
+                glb = _fold(scale * _token_outer(gy, h).to(lora_b.dtype), z_r, None)
             if need_x or need_zc:
-                gxs = g.matmul(weight.to(dtype))  # dL/d(z_c x)
+                gx = gy.matmul(_fold(weight, z_r, z_c).to(dtype))
                 if gh is not None:
-                    gxs = gxs + gh.matmul(lora_a.to(dtype))
-                gxs = gxs.to(weight.dtype if x is None else x.dtype)
+                    gx = gx + gh.matmul(_fold(lora_a, None, z_c).to(dtype))
+                gx = gx.to(weight.dtype if x is None else x.dtype)
                 if need_zc:
-                    gzc = _sum_tokens(gxs * x).to(z_c.dtype)
-                if need_x:
-                    gx = gxs if z_c is None else gxs * z_c.to(gxs.dtype)
+                    gzc = _over_gate(_sum_tokens(gx * x), z_c)
             if need_w or need_la:
-                xs = (x if z_c is None else x * z_c.to(x.dtype)).to(dtype)
+                xc = x.to(dtype)
                 if need_w:
-                    gw = _token_outer(g, xs).to(weight.dtype)
+                    gw = _fold(_token_outer(gy, xc).to(weight.dtype), z_r, z_c)
                 if need_la:
-                    gla = _token_outer(gh, xs).to(lora_a.dtype)
-        return gx, gw, gb, gzr, gzc, gla, glb, None
+                    gla = _fold(_token_outer(gh, xc).to(lora_a.dtype), None, z_c)
+        return (gx if need_x else None), gw, gb, gzr, gzc, gla, glb, None
 
 
 def _token_outer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

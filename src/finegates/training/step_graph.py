@@ -99,11 +99,27 @@ class PinnedConstants(torch.overrides.TorchFunctionMode):
         kwargs = kwargs or {}
         if func is torch.tensor and kwargs.get("device") is not None and torch.device(kwargs["device"]).type == "cuda":
             return self.send(torch.tensor(*args, **{**kwargs, "device": "cpu"}), torch.device(kwargs["device"]))
-        if func is torch.Tensor.to and args and isinstance(args[0], torch.Tensor) and args[0].device.type == "cpu":
-            device, dtype, _, _ = torch._C._nn._parse_to(*args[1:], **kwargs)
+        if func in (torch.Tensor.to, torch.Tensor.cuda) and args and isinstance(args[0], torch.Tensor) \
+                and args[0].device.type == "cpu":
+            device, dtype = _target(func, args[1:], kwargs)
             if device is not None and device.type == "cuda":
                 return self.send(args[0] if dtype is None else args[0].to(dtype), device)
         return func(*args, **kwargs)
+
+
+def _target(func, args: tuple, kwargs: dict) -> tuple[torch.device | None, torch.dtype | None]:
+    """Where `tensor.to(*args, **kwargs)` / `tensor.cuda(*args, **kwargs)` sends a tensor, and as what dtype
+    (None, None for a call this does not understand: it then runs unchanged)."""
+    try:
+        if func is torch.Tensor.cuda:
+            device = args[0] if args else kwargs.get("device")
+            if device is None:
+                return torch.device("cuda", torch.cuda.current_device()), None
+            return (torch.device("cuda", device) if isinstance(device, int) else torch.device(device)), None
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **{k: v for k, v in kwargs.items() if k != "copy"})
+        return device, dtype
+    except (TypeError, RuntimeError, ValueError):
+        return None, None
 
 
 def _clear(params: list[torch.Tensor]) -> None:
