@@ -1,8 +1,8 @@
 """Run many small trainings concurrently (one process each), resumable, with a deadline.
 
 Used by the GPU benchmarks: a small model leaves a big GPU mostly idle, so N processes share it.
-A job whose RUN_DIR/metrics.json exists (and, with `_compress`, its compress report) is skipped,
-so a killed or timed-out grid resumes.
+A job whose RUN_DIR/metrics.json exists (and, with `_compress`, its compress report, or no trained
+tensors to compress: a run brought back as JSON only) is skipped, so a killed or timed-out grid resumes.
 
     python -m benchmarks.runner one '{"out": "...", "task": "mrpc", ...}'   # one TrainConfig as JSON
 """
@@ -72,11 +72,15 @@ def compress_into_run(run: Path, limit: int | None) -> dict:
 
 
 def _finished(job: dict) -> bool:
-    """Trained, and compressed where the job asks for it (a kill may fall between the two)."""
+    """Trained, and compressed where the job asks for it (a kill may fall between the two). A run
+    brought to this machine without its trained tensors (only its JSON files travelled) cannot be
+    compressed here: it counts as finished rather than failing again at every call."""
     from finegates.compression.saved import REPORT
 
     out = Path(job["out"])
-    return (out / "metrics.json").exists() and not (job.get("_compress") and not (out / "compressed" / REPORT).exists())
+    if not (out / "metrics.json").exists() or not job.get("_compress"):
+        return (out / "metrics.json").exists()
+    return (out / "compressed" / REPORT).exists() or not (out / "trainable.safetensors").exists()
 
 
 def _startable(job: dict, todo: list[dict], running: list) -> bool | None:

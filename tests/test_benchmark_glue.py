@@ -100,6 +100,8 @@ def test_a_run_killed_between_training_and_compressing_is_compressed_not_retrain
     (out / "config.json").write_text('{"train": {"method": "gates"}}')
     (out / "metrics.json").write_text("{}")
     job = {"out": str(out), "task": "mrpc", "data_dir": str(tmp_path), "_compress": True}
+    assert _finished(job)  # only its JSON files: brought back without weights, nothing to compress here
+    (out / "trainable.safetensors").write_bytes(b"")  # trained here, killed before compressing
     assert not _finished(job) and _finished({k: v for k, v in job.items() if k != "_compress"})
     calls = []
     monkeypatch.setattr(finegates.training.classify, "train", lambda cfg, resume: calls.append(("train", resume)))
