@@ -12,9 +12,9 @@ a training batch's token count) and computes exactly the gradients that are aske
     dL/dz_c = sum_tokens x * dL/dx / z_c                     x: saved by reference (no copy)
     dL/dW   = Diag(z_r) (dy^T x) Diag(z_c),  dL/db = z_r * sum_tokens dy   only when the weights train
 
-Why y and not the pre-gate output: whatever reads y (attention, the activation function) usually
-keeps it anyway, so the node's own memory is x alone; and the backward needs no activation-sized
-product for dL/dx. Why the divisions are safe: a gate at exactly 0 (its unit closed) gets gradient
+Why y and not the pre-gate output: y's reader may keep it anyway (the MLP's activation keeps the up
+projection's output; attention keeps q, k, v or copies of them, depending on its kernel), and where
+it does, the node's own memory is x alone; the backward needs no activation-sized product for dL/dx. Why the divisions are safe: a gate at exactly 0 (its unit closed) gets gradient
 0 here, and every gate parameterisation reaches 0 only through a clamp or a closing mask, whose own
 gradient is 0 there, so the gate's parameters receive what they did before; the Taylor hooks
 multiply by z, which is 0. Elsewhere y / z_r is the pre-gate output to the rounding of y's dtype,
