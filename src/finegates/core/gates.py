@@ -100,9 +100,7 @@ class Gate(nn.Module):
         gets no gradient) is still measured.
         """
         def hook(grad: torch.Tensor) -> None:
-            if self.taylor is None:
-                self.taylor = torch.zeros_like(self.theta, dtype=torch.float32)
-            self.taylor.add_(z * grad)
+            self.taylor_sum().add_(z * grad)
         return hook
 
     def taylor_sum(self) -> torch.Tensor:

@@ -52,3 +52,9 @@ class LoopState:
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    def step_metrics(self) -> dict:
+        """What every run's metrics.json says of its training steps (classification and LM alike)."""
+        return {"train_seconds": self.t_train, "seconds_per_step": self.t_train / max(self.step, 1),
+                "steady_seconds_per_step": self.steady_seconds_per_step, "graph_steps": self.graph_steps,
+                "graph_fallback": self.graph_fallback}
