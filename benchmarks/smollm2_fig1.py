@@ -2,8 +2,8 @@
 to 0/10/20/30/40% of its layer parameters removed; CPU time reduction and accuracy vs parameters removed.
 
   gpu     (GPU, one call after smollm2_lm.py's `receive` calls, same warm machine)  trains the ten
-          classifiers one after another (`LlamaForSequenceClassification`: a new `score` head on the
-          last real token; the pad token is EOS, padding on the right: docs/decoders.md) with the
+          classifiers at once, one process each under MPS (`LlamaForSequenceClassification`: a new
+          `score` head on the last real token; the pad token is EOS, padding on the right: docs/decoders.md) with the
           `frozen` recipe (frozen weights; gates over a rank-4 update of q and v, merged before
           compression; MLP units close by Taylor importance), 3 epochs, batch 16, max length 128.
           Writes fig1_gpu.json and the run folders (gates + adapters + head, ~2 MB each) as tarballs.
@@ -15,7 +15,8 @@ to 0/10/20/30/40% of its layer parameters removed; CPU time reduction and accura
 
 Device call (after calls 1-2 of smollm2_lm.py, which bring the model and GLUE RTE; MRPC is in data/):
 
-  carry []:  PYTHONUNBUFFERED=1 timeout 590 python3 benchmarks/smollm2_fig1.py gpu --out $OUT 2>&1 | tee $OUT/fig1.log
+  carry []:  nvidia-cuda-mps-control -d; PYTHONUNBUFFERED=1 timeout 590 python3 benchmarks/smollm2_fig1.py gpu \
+                 --out $OUT 2>&1 | tee $OUT/fig1.log
 
 Then here: python3 benchmarks/smollm2_fig1.py report --gpu DIR  (DIR: that call's $OUT).
 """
@@ -48,50 +49,54 @@ def _data_dir(task: str, there: bool) -> Path:
 
 # ==== gpu ==========================================================================================
 def cmd_gpu(args) -> None:
+    """All classifiers at once, one process each (benchmarks.runner): a SmolLM2 classifier step is bound
+    by the host launching its 30 layers' kernels (0.29 s at batch 16 x 128 alone on the H200, session 4),
+    so under MPS ten of them share the GPU at little cost to each."""
     t_start = time.time()
     sys.path.insert(0, str(ROOT / "src"))
-    from benchmarks.runner import quiet
+    from benchmarks.runner import quiet, run_grid
 
     quiet()
     import torch
-
-    from finegates.training.classify import train
-    from finegates.training.config import TrainConfig
 
     folder = str(Path(args.model).resolve()) if args.model else str(model_folder())
     out, work = Path(args.out), WORK / "fig1"
     out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(work, ignore_errors=True)
     info = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
-    entries, longest = [], 0.0
+    jobs = {}
     for target in args.targets:
         for task in args.tasks:
             name = f"{task}@{target:.2f}"
-            if time.time() + 1.2 * longest > t_start + args.budget_s:
-                log(f"{name}: skipped, it would end past the {args.budget_s:.0f}s budget")
-                continue
-            t0 = time.time()
-            cfg = TrainConfig(out=work / "runs" / name, model=folder, task=task, data_dir=_data_dir(task, not args.local_data),
-                              recipe=args.recipe, sparsity=target, epochs=args.epochs, batch_size=args.batch_size,
-                              max_length=128, eval_batch_size=64, progress=False, device="auto", seed=args.seed,
-                              max_steps=args.max_steps, eval_limit=args.eval_limit)
-            m = train(cfg, overwrite=True)
-            longest = max(longest, time.time() - t0)
-            entries.append({"name": name, "task": task, "target": target, "run_dir": f"runs/{name}",
-                            "dev_gpu": m["dev"], "score_gpu": m["score"], "steps": m["steps"],
-                            "train_seconds": m["train_seconds"], "removable_fraction": m.get("removable_fraction"),
-                            "trainable_params": m["trainable_params"], "seconds": time.time() - t0})
-            log(f"{name}: {m['steps']} steps in {m['train_seconds']:.0f}s, dev {m['dev']}, removed "
-                f"{m.get('removable_fraction', 0):.3f}")
+            jobs[name] = {"out": str(work / "runs" / name), "model": folder, "task": task,
+                          "data_dir": str(_data_dir(task, not args.local_data)), "recipe": args.recipe,
+                          "sparsity": target, "epochs": args.epochs, "batch_size": args.batch_size, "max_length": 128,
+                          "eval_batch_size": 64, "progress": False, "device": "auto", "seed": args.seed,
+                          "max_steps": args.max_steps, "eval_limit": args.eval_limit}
+    grid = run_grid(list(jobs.values()), args.parallel, deadline_s=args.budget_s, log_dir=out / "logs",
+                    kill_s=args.budget_s)
+    entries = []
+    for name, job in jobs.items():
+        path = Path(job["out"]) / "metrics.json"
+        if not path.exists():
+            continue
+        m = json.loads(path.read_text())
+        entries.append({"name": name, "task": job["task"], "target": job["sparsity"], "run_dir": f"runs/{name}",
+                        "dev_gpu": m["dev"], "score_gpu": m["score"], "steps": m["steps"],
+                        "train_seconds": m["train_seconds"], "removable_fraction": m.get("removable_fraction"),
+                        "trainable_params": m["trainable_params"]})
+        log(f"{name}: {m['steps']} steps in {m['train_seconds']:.0f}s, dev {m['dev']}, removed "
+            f"{m.get('removable_fraction', 0):.3f}")
     result = {"machine": info, "recipe": args.recipe, "epochs": args.epochs, "batch_size": args.batch_size,
-              "max_length": 128, "seed": args.seed, "runs": entries, "seconds": time.time() - t_start}
+              "max_length": 128, "seed": args.seed, "parallel": args.parallel, "failed": grid["failed"],
+              "runs": entries, "seconds": time.time() - t_start}
     (out / "fig1_gpu.json").write_text(json.dumps(result, indent=1) + "\n")
     for i, group in enumerate(_groups([work / e["run_dir"] for e in entries])):
         path = out / f"fig1_runs{i}.tar.gz"
         with tarfile.open(path, "w:gz") as tar:
             for d in group:
                 tar.add(d, arcname=str(d.relative_to(work)), filter=lambda t: None if "/checkpoint" in t.name else t)
-    log(f"wrote {len(entries)} runs to {out} in {time.time() - t_start:.0f}s")
+    log(f"wrote {len(entries)} runs to {out} in {time.time() - t_start:.0f}s; failed: {grid['failed'] or 'none'}")
 
 
 def _groups(folders: list[Path]) -> list[list[Path]]:
@@ -280,7 +285,8 @@ def main(argv=None) -> None:
     g.add_argument("--epochs", type=float, default=3.0)
     g.add_argument("--batch-size", type=int, default=16)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--budget-s", type=float, default=540, help="no run starts that would end past this")
+    g.add_argument("--budget-s", type=float, default=520, help="runs still going after this many seconds are killed")
+    g.add_argument("--parallel", type=int, default=10, help="runs sharing the GPU at once (start MPS first)")
     g.add_argument("--max-steps", type=int, default=None, help="cap (dry runs)")
     g.add_argument("--eval-limit", type=int, default=None, help="first N dev examples (dry runs)")
     g.add_argument("--model", help="a float SmolLM2 folder (default: the received one)")
