@@ -21,6 +21,7 @@ Per block, with H query heads, G kv heads (GQA groups of H/G), head dim D, hidde
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -85,36 +86,40 @@ def keep(open_: dict[str, torch.Tensor], lay: BlockLayout) -> dict[str, torch.Te
     `open_` maps a role to the open indicator/probability of its deletable side (see
     DELETABLE_SIDE); a missing role counts as all open. Returns:
       mlp (I,), vo (H, D), head (H,), qk (H, D), k (G, D), v (G, D)
+    Every input may carry leading dimensions, the same for all (one per block of a stack of
+    identical blocks): the outputs then carry them too, and the whole stack costs the kernels of one
+    block.
     """
     H, G, D = lay.n_heads, lay.n_kv_heads, lay.head_dim
     ref = next(iter(open_.values()), None)
     kw = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
+    lead = () if ref is None else tuple(ref.shape[:-1])
 
-    def get(role: str, n: int) -> torch.Tensor:
-        return open_[role] if role in open_ else torch.ones(n, **kw)
+    def get(role: str, *shape: int) -> torch.Tensor:
+        x = open_[role] if role in open_ else torch.ones(*lead, math.prod(shape), **kw)
+        return x.view(*lead, *shape)
 
     mlp = get("up", lay.intermediate) * get("down", lay.intermediate)
     if lay.swiglu:
         mlp = mlp * get("gate", lay.intermediate)
 
     to_group = torch.arange(H, device=kw.get("device")) // lay.group
-    v_rows = get("v", G * D).view(G, D)
-    vo = v_rows[to_group] * get("o", H * D).view(H, D)
-    head = _any(vo, dim=1)
+    vo = get("v", G, D)[..., to_group, :] * get("o", H, D)
+    head = _any(vo, dim=-1)
 
-    q = get("q", H * D).view(H, D)
-    k = get("k", G * D).view(G, D)[to_group]
+    q = get("q", H, D)
+    k = get("k", G, D)[..., to_group, :]
     if lay.rope:
         half = D // 2
-        q_pair = _or(q[:, :half], q[:, half:])  # pair survives q unless both rows closed
-        k_pair = _or(k[:, :half], k[:, half:])
-        pair = q_pair * k_pair * head[:, None]
-        qk = torch.cat([pair, pair], dim=1)
+        q_pair = _or(q[..., :half], q[..., half:])  # pair survives q unless both rows closed
+        k_pair = _or(k[..., :half], k[..., half:])
+        pair = q_pair * k_pair * head[..., None]
+        qk = torch.cat([pair, pair], dim=-1)
     else:
-        qk = q * k * head[:, None]
+        qk = q * k * head[..., None]
 
-    k_keep = _any(qk.view(G, lay.group, D), dim=1)
-    v_keep = _any(vo.view(G, lay.group, D), dim=1)
+    k_keep = _any(qk.view(*lead, G, lay.group, D), dim=-2)
+    v_keep = _any(vo.view(*lead, G, lay.group, D), dim=-2)
     return {"mlp": mlp, "vo": vo, "head": head, "qk": qk, "k": k_keep, "v": v_keep}
 
 
@@ -123,8 +128,9 @@ def mlp_unit_cost(lay: BlockLayout) -> int:
     return lay.hidden * (3 if lay.swiglu else 2) + ("up" in lay.bias) + ("gate" in lay.bias and lay.swiglu)
 
 
-def kept_params(kp: dict[str, torch.Tensor], lay: BlockLayout) -> torch.Tensor:
-    """Parameters of the block's linear layers that survive, from `keep`'s output.
+def kept_params(kp: dict[str, torch.Tensor], lay: BlockLayout, n_blocks: int = 1) -> torch.Tensor:
+    """Parameters of the block's linear layers that survive, from `keep`'s output (summed over its
+    `n_blocks` leading entries when it describes a stack of identical blocks).
 
     Q rows and O columns are counted per query head; K/V rows per kv head. With 0/1 inputs this
     is the compressed block's exact linear-parameter count.
@@ -136,5 +142,5 @@ def kept_params(kp: dict[str, torch.Tensor], lay: BlockLayout) -> torch.Tensor:
     n = n + kp["v"].sum() * (d + ("v" in b))
     n = n + kp["vo"].sum() * d  # o columns
     # o and down biases live on the residual stream: never deleted
-    n = n + d * (("o" in b) + ("down" in b))
+    n = n + n_blocks * d * (("o" in b) + ("down" in b))
     return n

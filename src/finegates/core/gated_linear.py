@@ -42,22 +42,30 @@ def _sum_tokens(t: torch.Tensor) -> torch.Tensor:
     return t.sum(dim=tuple(range(t.dim() - 1)))
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in `dtype`, with no dispatch at all when it already is: an eager GPU step is bound by the
+    host's per-operation cost, no-op conversions included (issue 19)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _fold(m: torch.Tensor | None, rows: torch.Tensor | None, cols: torch.Tensor | None) -> torch.Tensor | None:
     """Diag(rows) m Diag(cols), in m's dtype; a None side is all ones."""
     if m is None:
         return None
+    if rows is not None and cols is not None and m.dim() == 2:  # one weight-sized product, not two
+        return m * torch.outer(_as(rows, m.dtype), _as(cols, m.dtype))
     if rows is not None:
-        m = m * rows.to(m.dtype).unsqueeze(-1) if m.dim() == 2 else m * rows.to(m.dtype)
+        m = m * _as(rows, m.dtype)[:, None] if m.dim() == 2 else m * _as(rows, m.dtype)
     if cols is not None:
-        m = m * cols.to(m.dtype)
+        m = m * _as(cols, m.dtype)
     return m
 
 
 def _over_gate(total: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """total / z, and 0 where the gate is exactly 0 (see the module docstring). Three small kernels:
-    on a GPU a step is bound by how many the host issues."""
-    total = total.to(torch.promote_types(total.dtype, z.dtype))
-    return torch.where(z == 0, 0.0, total / z).to(z.dtype)
+    """total / z, and 0 where the gate is exactly 0 (see the module docstring): there `total` is an
+    exact 0 (a zero row of the folded weight gives exact zeros), so dividing by the smallest normal
+    number instead of z gives exactly 0. Two kernels (division promotes to z's float32)."""
+    return _as(total / z.clamp_min(torch.finfo(z.dtype).tiny), z.dtype)
 
 
 class _GatedLinear(torch.autograd.Function):
@@ -65,12 +73,12 @@ class _GatedLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, z_r, z_c, lora_a, lora_b, scale):
         dtype = _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):  # casts are explicit: the ones autocast makes
-            xc = x.to(dtype)
-            y = F.linear(xc, _fold(weight, z_r, z_c).to(dtype), None if bias is None else _fold(bias, z_r, None).to(dtype))
+            xc = _as(x, dtype)
+            y = F.linear(xc, _as(_fold(weight, z_r, z_c), dtype), None if bias is None else _as(_fold(bias, z_r, None), dtype))
             h = None
             if lora_a is not None:  # s Diag(z_r) B (A Diag(z_c) x), rank r in between
-                h = F.linear(xc, _fold(lora_a, None, z_c).to(dtype))
-                y = y + scale * F.linear(h, _fold(lora_b, z_r, None).to(dtype))
+                h = F.linear(xc, _as(_fold(lora_a, None, z_c), dtype))
+                y = y + scale * F.linear(h, _as(_fold(lora_b, z_r, None), dtype))
         _, need_w, _, need_zr, need_zc, need_a, need_b, _ = ctx.needs_input_grad
         ctx.dtype, ctx.scale = dtype, scale
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -90,27 +98,27 @@ class _GatedLinear(torch.autograd.Function):
         dtype, scale = ctx.dtype, ctx.scale
         gx = gw = gb = gzr = gzc = gla = glb = None
         with torch.autocast(gy.device.type, enabled=False):
-            gy = gy.to(dtype)
+            gy = _as(gy, dtype)
             if need_zr:
                 gzr = _over_gate(_sum_tokens(gy * y), z_r)
             if need_b:
-                gb = _fold(_sum_tokens(gy).to(ctx.bias_dtype), z_r, None)
-            gh = None if lora_a is None else scale * gy.matmul(_fold(lora_b, z_r, None).to(dtype))  # dL/dh, rank r
+                gb = _fold(_as(_sum_tokens(gy), ctx.bias_dtype), z_r, None)
+            gh = None if lora_a is None else scale * gy.matmul(_as(_fold(lora_b, z_r, None), dtype))  # dL/dh, rank r
             if need_lb:
-                glb = _fold(scale * _token_outer(gy, h).to(lora_b.dtype), z_r, None)
+                glb = _fold(scale * _as(_token_outer(gy, h), lora_b.dtype), z_r, None)
             if need_x or need_zc:
-                gx = gy.matmul(_fold(weight, z_r, z_c).to(dtype))
+                gx = gy.matmul(_as(_fold(weight, z_r, z_c), dtype))
                 if gh is not None:
-                    gx = gx + gh.matmul(_fold(lora_a, None, z_c).to(dtype))
-                gx = gx.to(weight.dtype if x is None else x.dtype)
+                    gx = gx + gh.matmul(_as(_fold(lora_a, None, z_c), dtype))
+                gx = _as(gx, weight.dtype if x is None else x.dtype)
                 if need_zc:
                     gzc = _over_gate(_sum_tokens(gx * x), z_c)
             if need_w or need_la:
-                xc = x.to(dtype)
+                xc = _as(x, dtype)
                 if need_w:
-                    gw = _fold(_token_outer(gy, xc).to(weight.dtype), z_r, z_c)
+                    gw = _fold(_as(_token_outer(gy, xc), weight.dtype), z_r, z_c)
                 if need_la:
-                    gla = _fold(_token_outer(gh, xc).to(lora_a.dtype), None, z_c)
+                    gla = _fold(_as(_token_outer(gh, xc), lora_a.dtype), None, z_c)
         return (gx if need_x else None), gw, gb, gzr, gzc, gla, glb, None
 
 

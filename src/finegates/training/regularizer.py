@@ -38,10 +38,11 @@ import torch
 import torch.nn as nn
 
 from ..core.arch import blocks, spec_for
-from ..core.coupling import DELETABLE_SIDE, MLP_ROLES, BlockLayout, keep, kept_params, mlp_unit_cost
+from ..core.block_stack import BlockStack, stack_blocks
+from ..core.coupling import BlockLayout, keep
 from ..core.distributed import all_mean
+from ..core.gates import GatedLinear, open_prob
 from .schedules import cubic
-from ..core.gates import Gate, GatedLinear
 
 
 TOPK_UNITS = ("mlp", "vo", "qk")
@@ -98,20 +99,23 @@ class Regularizer(nn.Module):
         self.cfg = cfg
         self.layers = [m for m in model.modules() if isinstance(m, GatedLinear)]
         self.blocks = self._collect_blocks(model)
+        self.stacks = stack_blocks(self.blocks)  # identical blocks counted together (core/block_stack.py)
         self.dense = sum(lay.dense_params() for lay, _ in self.blocks)
         self.lam = cfg.lam
         self.target = cfg.sparsity
         self._scalars: torch.Tensor | None = None  # [lambda, target] on the device, refilled by `set_step`
         self._closed_to: float | None = None  # schedule taylor: the target units were last closed to
         self.importance: torch.Tensor | None = None  # schedule taylor: one score per MLP unit, all blocks
-        # schedule taylor: the blocks whose MLP units have gates, and those gates
-        self.unit_blocks = [(lay, gated, gates) for lay, gated in self.blocks if (gates := self._unit_gates(gated))]
+        # schedule taylor: the stacks whose MLP units have gates
+        self.unit_stacks = [st for st in self.stacks if st.unit_gates]
+        self._segments: tuple[torch.Tensor, ...] | None = None  # kind layer: which gate and layer each entry is
         if cfg.schedule == "taylor":
-            if not self.unit_blocks:
+            if not self.unit_stacks:
                 raise ValueError("schedule 'taylor' needs gated MLP layers (roles up/down): none are gated")
-            for *_, gates in self.unit_blocks:
-                for g in gates:
-                    g.track_taylor = True
+            for st in self.unit_stacks:
+                for gates in st.unit_gates.values():
+                    for g in gates:
+                        g.track_taylor = True
 
     @staticmethod
     def _collect_blocks(model: nn.Module) -> list[tuple[BlockLayout, dict[str, GatedLinear]]]:
@@ -131,21 +135,9 @@ class Regularizer(nn.Module):
         return out
 
     # ---- counts -------------------------------------------------------------------------
-    @staticmethod
-    def _deletable(gated: dict[str, GatedLinear]) -> dict[str, Gate]:
-        """Each gated role's gate on its deletable side (DELETABLE_SIDE), where it has one."""
-        sides = {role: m.gates().get(DELETABLE_SIDE[role]) for role, m in gated.items()}
-        return {role: g for role, g in sides.items() if g is not None}
-
-    def _open(self, gated: dict[str, GatedLinear], hard: bool) -> dict[str, torch.Tensor]:
-        return {role: (~g.closed()).float() if hard else g.open_prob() for role, g in self._deletable(gated).items()}
-
     def kept_fraction(self, hard: bool = False) -> torch.Tensor:
         """Fraction of the blocks' linear parameters kept (expected, or hard with `hard=True`)."""
-        total = 0.0
-        for lay, gated in self.blocks:
-            total = total + kept_params(keep(self._open(gated, hard), lay), lay)
-        return total / self.dense
+        return sum(st.kept_params(hard) for st in self.stacks) / self.dense
 
     @torch.no_grad()
     def removed_fraction(self) -> float:
@@ -156,14 +148,9 @@ class Regularizer(nn.Module):
     def penalty(self) -> torch.Tensor:
         keep_frac = 1.0 - self.cfg.sparsity
         if self.cfg.kind == "stg":
-            probs = [g.open_prob() for m in self.layers for g in m.gates().values()]
-            return torch.cat(probs).mean()
+            return self._all_open_probs().mean()
         if self.cfg.kind == "layer":
-            terms = []
-            for m in self.layers:
-                sides = [(g.open_prob().mean() - keep_frac).abs() for g in m.gates().values()]
-                terms.append(torch.stack(sides).mean())
-            return torch.stack(terms).mean()
+            return self._layer_penalty(keep_frac)
         if self.cfg.schedule == "topk":
             return self._topk_penalty()
         expected_kept = self.kept_fraction()
@@ -171,21 +158,65 @@ class Regularizer(nn.Module):
             return expected_kept
         return (expected_kept - keep_frac).abs()
 
+    def _gates(self) -> list:
+        return [g for m in self.layers for g in m.gates().values()]
+
+    def _all_open_probs(self) -> torch.Tensor:
+        """P(open) of every gate of every gated layer, concatenated in layer order: one pass per
+        run of gates that share a parameterisation (usually one for the whole model)."""
+        gates, parts, run = self._gates(), [], []
+        for g in gates:
+            if run and g.param != run[0].param:
+                parts.append(open_prob(torch.cat([x.theta for x in run]), run[0].param))
+                run = []
+            run.append(g)
+        parts.append(open_prob(torch.cat([x.theta for x in run]), run[0].param))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _layer_penalty(self, keep_frac: float) -> torch.Tensor:
+        """The paper's: mean over gated layers of the mean over their gate vectors of
+        |mean P(open) - (1 - s)|, as segment sums (index_add) instead of a loop over gates."""
+        probs = self._all_open_probs()
+        gate_of, size, layer_of, sides = self._segment_index(probs.device)
+        per_gate = torch.zeros(size.numel(), device=probs.device, dtype=probs.dtype).index_add(0, gate_of, probs) / size
+        dev = (per_gate - keep_frac).abs()
+        per_layer = torch.zeros(sides.numel(), device=probs.device, dtype=dev.dtype).index_add(0, layer_of, dev) / sides
+        return per_layer.mean()
+
+    def _segment_index(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(gate of each entry, size of each gate, layer of each gate, gate vectors of each layer), on
+        `device`, made once (before any CUDA-graph capture: the first step runs eagerly)."""
+        if self._segments is None or self._segments[0].device != device:
+            sizes, layer_of, sides = [], [], []
+            for i, m in enumerate(self.layers):
+                gates = list(m.gates().values())
+                sizes += [g.theta.numel() for g in gates]
+                layer_of += [i] * len(gates)
+                sides.append(len(gates))
+            gate_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+            self._segments = tuple(t.to(device) for t in (gate_of, torch.tensor(sizes, dtype=torch.float32),
+                                                           torch.tensor(layer_of), torch.tensor(sides, dtype=torch.float32)))
+        return self._segments
+
     def _topk_penalty(self) -> torch.Tensor:
         """Mean keep probability of the lowest-ranked units covering the scheduled target."""
         soft, score, cost, total = [], [], [], 0.0
-        for lay, gated in self.blocks:
-            p = keep(self._open(gated, hard=False), lay)
+        for st in self.stacks:
+            lay = st.layout
+            p = keep(st.open(hard=False), lay)
             with torch.no_grad():
-                v = keep(self._values(gated), lay)
+                v = keep(st.values(), lay)
             d, share = lay.hidden, lay.hidden / lay.group
+            names, costs = [], []
             for name, c in (("mlp", d * (3 if lay.swiglu else 2)), ("vo", d + share), ("qk", d + share)):
                 total += c * v[name].numel()  # the budget is a fraction of every unit's parameters
-                if name not in self.cfg.units:
-                    continue
-                soft.append(p[name].flatten())
-                score.append(v[name].flatten())
-                cost.append(torch.full_like(v[name].flatten(), c))  # c < 2^24: exact in float32
+                if name in self.cfg.units:
+                    names.append(name)
+                    costs.append(torch.full_like(v[name].flatten(1), c))  # c < 2^24: exact in float32
+            # block by block, each block's units in the order mlp, vo, qk (ties rank by this position)
+            soft.append(torch.cat([p[n].flatten(1) for n in names], dim=1).flatten())
+            score.append(torch.cat([v[n].flatten(1) for n in names], dim=1).flatten())
+            cost.append(torch.cat(costs, dim=1).flatten())
         soft, score, cost = torch.cat(soft), torch.cat(score), torch.cat(cost)
         order = torch.argsort(score, stable=True)
         soft, cost = soft[order], cost[order].double()  # float64: integer costs summed exactly
@@ -195,17 +226,12 @@ class Regularizer(nn.Module):
         return (soft * cost).sum() / cost.sum()
 
     # ---- taylor: close by importance ---------------------------------------------------------
-    def _unit_gates(self, gated: dict[str, GatedLinear]) -> list[Gate]:
-        """The gates of a block's MLP units (the deletable side of up, gate and down)."""
-        sides = self._deletable(gated)
-        return [sides[r] for r in MLP_ROLES if r in sides]
-
     def after_step(self, step: int) -> None:
         """With schedule taylor: update the units' importance, then close the least important
         open units until the hard removed fraction reaches this step's scheduled target."""
         if self.cfg.schedule != "taylor":
             return
-        scores = torch.cat([sum(g.taylor_sum() for g in gates) for *_, gates in self.unit_blocks])
+        scores = torch.cat([st.taylor_scores() for st in self.unit_stacks])
         self.discard_taylor()
         sq = all_mean(scores) ** 2  # every process closes the same units
         decay = self.cfg.importance_decay
@@ -215,34 +241,30 @@ class Regularizer(nn.Module):
             self._closed_to = self.target
 
     def discard_taylor(self) -> None:
-        """Drop the Taylor terms of a skipped (non-finite) batch."""
-        for *_, gates in self.unit_blocks:
-            for g in gates:
-                g.reset_taylor()
+        """Drop the Taylor terms of a skipped (non-finite) batch: one multi-tensor kernel."""
+        sums = [g.taylor for st in self.unit_stacks for gates in st.unit_gates.values() for g in gates
+                if g.taylor is not None]
+        if sums:
+            torch._foreach_zero_(sums)
 
     @torch.no_grad()
     def _close_to_target(self) -> None:
         """Without reading anything back from the device: the units to close are a mask."""
         need = (self.target - (1.0 - self.kept_fraction(hard=True).double())) * self.dense  # parameters to delete
         open_, cost = [], []
-        for lay, gated, _ in self.unit_blocks:
-            units = keep(self._open(gated, hard=True), lay)["mlp"] > 0
+        for st in self.unit_stacks:
+            units = (keep(st.open(hard=True), st.layout)["mlp"] > 0).flatten()
             open_.append(units)
-            cost.append(torch.full(units.shape, float(mlp_unit_cost(lay)), device=units.device, dtype=torch.float64))
+            cost.append(torch.full(units.shape, float(st.unit_cost()), device=units.device, dtype=torch.float64))
         open_, cost = torch.cat(open_), torch.cat(cost)
         # open units by importance (ties by position), closed ones last and free
         order = torch.argsort(self.importance.masked_fill(~open_, math.inf), stable=True)
         ranked = _first_covering(cost[order] * open_[order], need) & open_[order]
         chosen = torch.zeros_like(open_).scatter(0, order, ranked)
         start = 0
-        for lay, _, gates in self.unit_blocks:
-            mask = chosen[start:start + lay.intermediate]
-            start += lay.intermediate
-            for g in gates:
-                g.close(mask)
-
-    def _values(self, gated: dict[str, GatedLinear]) -> dict[str, torch.Tensor]:
-        return {role: g.values() for role, g in self._deletable(gated).items()}
+        for st in self.unit_stacks:
+            st.close_units(chosen[start:start + st.n_units])
+            start += st.n_units
 
     def scheduled_target(self, step: int) -> float:
         ramp = self.cfg.ramp_steps
