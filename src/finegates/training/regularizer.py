@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 
 from ..core.arch import blocks, spec_for
-from ..core.block_stack import BlockStack, stack_blocks
+from ..core.block_stack import stack_blocks
 from ..core.coupling import BlockLayout, keep
 from ..core.distributed import all_mean
 from ..core.gates import GatedLinear, open_prob
@@ -185,7 +185,7 @@ class Regularizer(nn.Module):
 
     def _segment_index(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         """(gate of each entry, size of each gate, layer of each gate, gate vectors of each layer), on
-        `device`, made once (before any CUDA-graph capture: the first step runs eagerly)."""
+        `device`, made once (by `set_step`, before the step that uses them)."""
         if self._segments is None or self._segments[0].device != device:
             sizes, layer_of, sides = [], [], []
             for i, m in enumerate(self.layers):
@@ -203,16 +203,16 @@ class Regularizer(nn.Module):
         soft, score, cost, total = [], [], [], 0.0
         for st in self.stacks:
             lay = st.layout
+            d, share, dims = lay.hidden, lay.hidden / lay.group, lay.n_heads * lay.head_dim
+            units = (("mlp", d * (3 if lay.swiglu else 2), lay.intermediate), ("vo", d + share, dims), ("qk", d + share, dims))
+            total += st.n_blocks * sum(c * n for _, c, n in units)  # the budget is a fraction of every unit's parameters
+            if not st.gates:
+                continue  # nothing gated here: nothing to push
             p = keep(st.open(hard=False), lay)
             with torch.no_grad():
                 v = keep(st.values(), lay)
-            d, share = lay.hidden, lay.hidden / lay.group
-            names, costs = [], []
-            for name, c in (("mlp", d * (3 if lay.swiglu else 2)), ("vo", d + share), ("qk", d + share)):
-                total += c * v[name].numel()  # the budget is a fraction of every unit's parameters
-                if name in self.cfg.units:
-                    names.append(name)
-                    costs.append(torch.full_like(v[name].flatten(1), c))  # c < 2^24: exact in float32
+            names = [name for name, _, _ in units if name in self.cfg.units]
+            costs = [torch.full_like(v[name].flatten(1), c) for name, c, _ in units if name in self.cfg.units]  # exact in fp32
             # block by block, each block's units in the order mlp, vo, qk (ties rank by this position)
             soft.append(torch.cat([p[n].flatten(1) for n in names], dim=1).flatten())
             score.append(torch.cat([v[n].flatten(1) for n in names], dim=1).flatten())
@@ -288,6 +288,8 @@ class Regularizer(nn.Module):
         scalars = self._device_scalars()
         scalars[0].fill_(self.lam)  # fills with a host value: no read-back
         scalars[1].fill_(self.target)
+        if self.cfg.kind == "layer":
+            self._segment_index(scalars.device)  # made here, on the host, never inside a captured step
 
     def penalised(self, step: int) -> bool:
         """Whether the penalty applies at `step` (what a captured step's computation depends on)."""
