@@ -140,3 +140,22 @@ def test_report_on_a_shared_folder_keeps_the_configs_methods_with_their_recipe(t
     assert {(r["method"], r["recipe"], r["total_params"]) for r in rows} == {("frozen", "frozen", 100), ("full", None, 100)}
     frozen = next(r for r in rows if r["method"] == "frozen")
     assert frozen["layer_params_removed_fraction"] == 0.4  # training's count until compressed
+
+
+def test_run_with_cuda_graphs_asks_it_of_every_job(tmp_path, monkeypatch):
+    import argparse
+    import json
+
+    import benchmarks.runner
+    from benchmarks.glue import cmd_run
+
+    seen = []
+    monkeypatch.setattr(benchmarks.runner, "run_grid", lambda jobs, *a: seen.append(jobs) or {})
+    config = tmp_path / "grid.json"
+    config.write_text(json.dumps(CFG))
+    for graphs in (False, True):
+        cmd_run(argparse.Namespace(config=str(config), out=str(tmp_path / "runs"), model=None, glue=str(tmp_path),
+                                   methods="full", leading=None, parallel=1, deadline=1.0, kill=None,
+                                   cuda_graphs=graphs))
+    assert seen[0] and not any(j.get("cuda_graphs") for j in seen[0])
+    assert all(j["cuda_graphs"] is True for j in seen[1]) and len(seen[1]) == len(seen[0])
