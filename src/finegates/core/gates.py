@@ -68,8 +68,10 @@ def open_prob(theta: torch.Tensor, param: GateParam) -> torch.Tensor:
 
 
 def close_(gates: list["Gate"], masks: torch.Tensor) -> None:
-    """Close, for good, the gates in row i of `masks` of gate i (all of one size): what `Gate.close`
-    does to each, in two multi-tensor kernels for the whole list."""
+    """Close for good the entries of gate i that row i of `masks` marks (gates of one size): their
+    theta goes to CLOSED_THETA, where neither noise nor the (clamped, hence zero) gradient can bring
+    it back. A mask, not an index: no read-back from the device; two multi-tensor kernels for the
+    whole list."""
     with torch.no_grad():
         thetas = [g.theta for g in gates]
         keep = (~masks).to(thetas[0].dtype)
@@ -130,11 +132,9 @@ class Gate(nn.Module):
         if self.taylor is not None:
             self.taylor.zero_()
 
-    @torch.no_grad()
     def close(self, mask: torch.Tensor) -> None:
-        """Close the gates in `mask` for good: their theta goes where neither noise nor the
-        (clamped, hence zero) gradient can bring it back."""
-        self.theta.masked_fill_(mask, CLOSED_THETA)  # a mask, not an index: no read-back from the device
+        """Close the gates in `mask` for good (`close_`, for one gate)."""
+        close_([self], mask.unsqueeze(0))
 
     def values(self) -> torch.Tensor:
         """Deterministic evaluation values (what gets baked into the weights)."""
