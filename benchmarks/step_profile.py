@@ -8,7 +8,8 @@ quantity to cut; it is deterministic, so it can be counted on this noisy CPU.
           records in a run of N2 steps minus those of a run of N1 steps, divided by N2 - N1 (so
           loading, the evaluation and the first steps cancel). Batch 2 x 16 keeps the arithmetic small;
           the operator count does not depend on it. Writes benchmarks/results/step_ops.{json,md}.
-  table   torch.profiler's operator table by device time, one method at a time (eager steps).
+  table   torch.profiler's operator table by device time, one method at a time (eager steps, or
+          replayed ones with --cuda-graphs).
 
     python -m benchmarks.step_profile count --model mpnet --glue GLUE
     python -m benchmarks.step_profile table --glue GLUE --model MODEL_DIR --device cuda --out DIR
@@ -28,7 +29,8 @@ from benchmarks.runner import quiet
 METHODS = "gates:fast,gates:frozen,gates:finetune,lora,full,bitfit"
 
 
-def _train(method: str, recipe: str | None, args, steps: int, batch: int, length: int, profile_kw: dict):
+def _train(method: str, recipe: str | None, args, steps: int, batch: int, length: int, profile_kw: dict,
+           graphs: bool = False):
     import torch
     from torch.profiler import profile
 
@@ -39,7 +41,7 @@ def _train(method: str, recipe: str | None, args, steps: int, batch: int, length
         cfg = TrainConfig(out=Path(tmp) / "run", model=args.model, task="rte", data_dir=Path(args.glue) / "RTE",
                           method=method, recipe=recipe or "finetune", max_steps=steps, batch_size=batch,
                           max_length=length, eval_limit=4, device=args.device, seed=0, log_every=10**6,
-                          trace_every=0, cuda_graphs=False, progress=False)
+                          trace_every=0, cuda_graphs=graphs, progress=False)
         torch.manual_seed(0)
         with profile(**profile_kw) as prof:
             train(cfg, overwrite=True)
@@ -103,9 +105,9 @@ def cmd_table(args) -> None:
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     for item in args.methods.split(","):
         method, _, recipe = item.partition(":")
-        prof = _train(method, recipe or None, args, args.steps[0], 16, 128, kw)
+        prof = _train(method, recipe or None, args, args.steps[0], 16, 128, kw, args.cuda_graphs)
         table = prof.key_averages().table(sort_by=key, row_limit=args.top)
-        (out / f"{method}-{recipe or 'default'}.txt").write_text(table)
+        (out / f"{method}-{recipe or 'default'}{'-graphs' if args.cuda_graphs else ''}.txt").write_text(table)
         print(table[:6000], flush=True)
 
 
@@ -125,6 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     sub.choices["count"].add_argument("--results", default="benchmarks/results/step_ops.json")
     sub.choices["count"].add_argument("--note", default="", help="a sentence for the table's header")
     sub.choices["table"].add_argument("--out", required=True, help="folder for one table per method")
+    sub.choices["table"].add_argument("--cuda-graphs", action="store_true",
+                                      help="replay the steps as CUDA graphs (the table then shows the replayed kernels)")
     args = p.parse_args(argv)
     quiet()
     (cmd_count if args.cmd == "count" else cmd_table)(args)
