@@ -25,6 +25,22 @@ def test_start_step_and_zero_sparsity_switch_the_penalty_off():
     assert float(Regularizer(model, RegConfig(sparsity=0.0))(step=3)[0]) == 0.0
 
 
+def test_penalty_before_start_step_is_computed_with_lambda_zero():
+    """One computation for every step (so a CUDA graph is captured once): before `start_step` the
+    penalty is there, times a device lambda of exactly 0, and gives the gates no gradient."""
+    model = apply_gates(tiny("bert"), GateConfig())
+    reg = Regularizer(model, RegConfig(kind="budget", schedule="topk", sparsity=0.4, lam=5.0, start_step=10))
+    thetas = [p for n, p in model.named_parameters() if n.endswith("theta")]
+    for step, lam in ((3, 0.0), (12, 5.0)):
+        reg.set_step(step)
+        assert float(reg.scalars()[0]) == lam
+        term = reg.term(step)
+        assert term.requires_grad  # computed, not a constant zero
+        grads = torch.autograd.grad(term, thetas, allow_unused=True)
+        total = sum(float(g.abs().sum()) for g in grads if g is not None)
+        assert (total == 0.0) == (lam == 0.0)
+
+
 def test_hard_removed_fraction_counts_what_compression_deletes():
     model = apply_gates(tiny("bert"), GateConfig(param=GateParam(mean_fn="identity", init_mean=0.5, init_std=0.0)))
     reg = Regularizer(model, RegConfig(kind="budget"))

@@ -117,12 +117,13 @@ def fit(model: nn.Module, method: Method, groups: list[dict], objective: Objecti
     run; `data`: the training data's fingerprint, checked against a resumed checkpoint."""
     runner = wrap(model, procs)  # DDP over several processes (distributed.py), the model itself otherwise
     # foreach: one multi-tensor update per group, not a Python loop over (hundreds of) gate vectors.
-    # capturable on a GPU: the step counts live on the device and the bias corrections are computed
-    # there too; otherwise each parameter's correction is two host `.item()` calls per step (440 for
-    # MPNet-base's 220 gate vectors and biases, issue 19). (fused=True would be one kernel, but
-    # resumed runs were then not bit-identical to uninterrupted ones: tests/test_resume.py.)
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0, betas=plan.betas, foreach=True,
-                                  capturable=device.type == "cuda")
+    # Not capturable: its bias corrections divide each parameter by a 0-dim step tensor, shapes that
+    # foreach cannot batch, so it ran 440 single-tensor divisions per step for MPNet-base's 220 gate
+    # vectors and biases (H200 profile, benchmarks/results/step_profile_gpu, issue 19).
+    # The non-capturable step's two `.item()` per parameter read CPU step counts: no device sync.
+    # (fused=True would be one kernel, but resumed runs were then not bit-identical to uninterrupted
+    # ones: tests/test_resume.py.)
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0, betas=plan.betas, foreach=True)
     gen = torch.Generator().manual_seed(plan.seed)
     st = LoopState(data=data)
     if ckpt is not None:
