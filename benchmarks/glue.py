@@ -75,9 +75,9 @@ def cmd_run(args) -> None:
         cfg["methods"] = {k: v for k, v in cfg["methods"].items() if k in args.methods.split(",")}
     leading = json.loads(Path(args.leading).read_text()) if args.leading else None
     jobs = build_jobs(cfg, Path(args.out), args.model, Path(args.glue), leading)
-    if args.cuda_graphs:
+    if args.eager:
         for job in jobs:
-            job["cuda_graphs"] = True
+            job["cuda_graphs"] = False
     print(json.dumps(run_grid(jobs, args.parallel, args.deadline, Path(args.out) / "_logs", args.kill), indent=2))
 
 
@@ -341,9 +341,9 @@ def main() -> None:
                    "(they resume from their last checkpoint next time); default: --deadline")
     r.add_argument("--leading", default=None, help="JSON {method: {task: lr}}: run these lrs first within a seed")
     r.add_argument("--methods", default=None, help="comma-separated subset of the config's methods (default: all)")
-    r.add_argument("--cuda-graphs", action="store_true",
-                   help="every run replays its steps as CUDA graphs (finegates train --cuda-graphs); measured for "
-                   "gates, LoRA, BitFit and full finetuning (benchmarks/train_cost.py), not for PST, GMP, magnitude")
+    r.add_argument("--eager", action="store_true",
+                   help="every run's steps eagerly (finegates train --no-cuda-graphs), as the runs of sessions 1-4 "
+                   "were; by default a GPU run replays its steps as CUDA graphs")
     r.set_defaults(fn=cmd_run)
     s = add_report_parser(sub, cmd_report, runs="runs/glue", results="benchmarks/results/glue.json",
                           figures="benchmarks/results/figures")

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
 
 def git_commit() -> str:
-    """The commit the results were reported from ('' outside a git checkout)."""
-    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    """The commit the results were reported from ('' outside a git checkout). FINEGATES_COMMIT wins
+    when set: the GPU machine's copy of the checkout has this session's working tree but the `.git` of
+    the session's start, so a command run there names the commit it was sent from (issue 19's
+    session-5 table came back labelled with the session's first commit)."""
+    return os.environ.get("FINEGATES_COMMIT") or \
+        subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
 
 
 def write_results(json_path, meta: dict, rows: list[dict], markdown: str) -> None:

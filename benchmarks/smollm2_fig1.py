@@ -113,12 +113,14 @@ def _groups(folders: list[Path]) -> list[list[Path]]:
 
 
 # ==== report (CPU) ================================================================================
-def _relocate(run_dir: Path, folder: str) -> None:
-    """Point a GPU run at the local float SmolLM2 (the run's fingerprint still checks it is the same model)."""
+def _relocate(run_dir: Path, folder: str, task: str) -> None:
+    """Point a GPU run at the local float SmolLM2 (the run's fingerprint still checks it is the same
+    model) and at this machine's copy of its task's data (the GPU read RTE from the carried pack)."""
     path = run_dir / "config.json"
     cfg = json.loads(path.read_text())
     cfg["model_location"] = folder
     cfg["train"]["model"] = folder
+    cfg["train"]["data_dir"] = str(_data_dir(task, there=False))
     path.write_text(json.dumps(cfg, indent=1) + "\n")
 
 
@@ -182,7 +184,7 @@ def cmd_report(args) -> None:
     for e in gpu["runs"]:
         t0 = time.time()
         run_dir, model_dir = tmp / e["run_dir"], tmp / "models" / e["name"]
-        _relocate(run_dir, folder)
+        _relocate(run_dir, folder, e["task"])
         report = compress_run(run_dir, model_dir, limit=32)
         timing = bench(model_dir, against=folder, cfg=cfg)
         row = {**e, "dev_cpu": _dev_scores(model_dir, run_dir, args.threads),

@@ -142,7 +142,7 @@ def test_report_on_a_shared_folder_keeps_the_configs_methods_with_their_recipe(t
     assert frozen["layer_params_removed_fraction"] == 0.4  # training's count until compressed
 
 
-def test_run_with_cuda_graphs_asks_it_of_every_job(tmp_path, monkeypatch):
+def test_run_eager_asks_it_of_every_job(tmp_path, monkeypatch):
     import argparse
     import json
 
@@ -153,9 +153,9 @@ def test_run_with_cuda_graphs_asks_it_of_every_job(tmp_path, monkeypatch):
     monkeypatch.setattr(benchmarks.runner, "run_grid", lambda jobs, *a: seen.append(jobs) or {})
     config = tmp_path / "grid.json"
     config.write_text(json.dumps(CFG))
-    for graphs in (False, True):
+    for eager in (False, True):
         cmd_run(argparse.Namespace(config=str(config), out=str(tmp_path / "runs"), model=None, glue=str(tmp_path),
                                    methods="full", leading=None, parallel=1, deadline=1.0, kill=None,
-                                   cuda_graphs=graphs))
-    assert seen[0] and not any(j.get("cuda_graphs") for j in seen[0])
-    assert all(j["cuda_graphs"] is True for j in seen[1]) and len(seen[1]) == len(seen[0])
+                                   eager=eager))
+    assert seen[0] and not any("cuda_graphs" in j for j in seen[0])  # the training default: graphs on a GPU
+    assert all(j["cuda_graphs"] is False for j in seen[1]) and len(seen[1]) == len(seen[0])
