@@ -89,15 +89,36 @@ def _startable(job: dict, todo: list[dict], running: list) -> bool | None:
     after = job.get("_after")
     if after is None or (Path(after) / "metrics.json").exists():
         return True
-    pending = {j["out"] for j in todo} | {j["out"] for _, j, _ in running}
+    pending = {j["out"] for j in todo} | {j["out"] for _, j, *_ in running}
     return False if after in pending else None
 
 
-def run_grid(jobs: list[dict], parallel: int, deadline_s: float, log_dir: Path, kill_s: float | None = None) -> dict:
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them ([] without CUDA)."""
+    try:
+        import torch
+    except ImportError:
+        return []
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    named = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    return named[:n] if named else [str(i) for i in range(n)]
+
+
+def least_loaded(gpus: list[str], busy: list[str]) -> str:
+    """The GPU running the fewest of our jobs (the first such, in order)."""
+    return min(gpus, key=lambda g: (busy.count(g), gpus.index(g)))
+
+
+def run_grid(jobs: list[dict], parallel: int, deadline_s: float, log_dir: Path, kill_s: float | None = None,
+             gpus: list[str] | None = None) -> dict:
     """Run TrainConfig dicts, `parallel` at a time, in the given order (`_cost`: longest first
     among equal `_priority`); start no new job after `deadline_s`, kill what still runs at `kill_s`
     (default: the deadline). A killed job resumes from its last checkpoint when run again. A job
-    with `_after` (a run directory) waits until that run is complete, while later jobs go first."""
+    with `_after` (a run directory) waits until that run is complete, while later jobs go first.
+    On a machine of several GPUs (`gpus`, default: every visible one) each job goes to the least
+    loaded one (CUDA_VISIBLE_DEVICES), so `parallel` counts jobs on all of them together: one
+    device allowance then buys as many runs as there are GPUs (issue 20's grid)."""
+    gpus = visible_gpus() if gpus is None else gpus
     log_dir.mkdir(parents=True, exist_ok=True)
     todo = [j for j in jobs if not _finished(j)]
     todo.sort(key=lambda j: (j.pop("_priority", 0), -j.pop("_cost", 1)))
@@ -116,20 +137,22 @@ def run_grid(jobs: list[dict], parallel: int, deadline_s: float, log_dir: Path, 
             job = {k: v for k, v in job.items() if k != "_after"}
             name = Path(job["out"]).as_posix().replace("/", "_")
             log = open(log_dir / f"{name}.log", "w")
+            gpu = least_loaded(gpus, [g for *_, g in running]) if len(gpus) > 1 else None
             proc = subprocess.Popen([sys.executable, "-m", "benchmarks.runner", "one", json.dumps(job)],
-                                    stdout=log, stderr=subprocess.STDOUT, env=env)
-            running.append((proc, job, log))
+                                    stdout=log, stderr=subprocess.STDOUT,
+                                    env=env if gpu is None else {**env, "CUDA_VISIBLE_DEVICES": gpu})
+            running.append((proc, job, log, gpu))
         if todo and time.time() - start > deadline_s:
             failed += [{"out": j["out"], "error": "not started"} for j in todo]
             todo = []
         if time.time() - start > kill_s:
-            for proc, job, log in running:
+            for proc, job, log, _ in running:
                 proc.kill()
                 failed.append({"out": job["out"], "error": "killed at the deadline"})
             running = []
             break
         for item in list(running):
-            proc, job, log = item
+            proc, job, log, _ = item
             if proc.poll() is not None:
                 log.close()
                 running.remove(item)
