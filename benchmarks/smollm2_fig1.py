@@ -72,7 +72,8 @@ def cmd_gpu(args) -> None:
                           "data_dir": str(_data_dir(task, not args.local_data)), "recipe": args.recipe,
                           "sparsity": target, "epochs": args.epochs, "batch_size": args.batch_size, "max_length": 128,
                           "eval_batch_size": 64, "progress": False, "device": "auto", "seed": args.seed,
-                          "max_steps": args.max_steps, "eval_limit": args.eval_limit}
+                          "max_steps": args.max_steps, "eval_limit": args.eval_limit,
+                          "cuda_graphs": False}  # eager, as the session-5 runs were
     grid = run_grid(list(jobs.values()), args.parallel, deadline_s=args.budget_s, log_dir=out / "logs",
                     kill_s=args.budget_s)
     entries = []

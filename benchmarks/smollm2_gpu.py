@@ -216,7 +216,7 @@ def _lm_config(args, folder: str, data: Path, out: Path, steps: int, eval_tokens
         eval_dense=False, eval_amp=False, method="gates", recipe=args.recipe, recipe_options=_options(args.opt),
         sparsity=args.target, epochs=1e6, max_steps=steps, batch_size=args.batch_size, eval_batch_size=8,
         schedule="cosine", warmup_steps=max(1, steps // 50), evals=1, trace_every=50, log_every=100,
-        progress=False, device="auto")
+        progress=False, device="auto", cuda_graphs=False)  # eager, as every measured run was (sessions 3-5)
 
 
 def _cached_tokenization():

@@ -27,7 +27,7 @@ class Plan:
     lr_factor: Callable[[int, dict], float] | None = None  # step, param group -> factor of its "base_lr"
     betas: tuple[float, float] = (0.9, 0.999)
     save_at_eval: bool = True  # write trainable.safetensors at each evaluation
-    cuda_graphs: bool = True  # on one GPU, replay steps as CUDA graphs where the objective and method allow
+    cuda_graphs: bool = False  # on one GPU, replay steps as CUDA graphs where the objective and method allow
     desc: str = "train"
 
 
