@@ -294,8 +294,8 @@ class Regularizer(nn.Module):
     def penalises(self) -> bool:
         """Whether any step is penalised. If so, every step computes the penalty, scaled by a device
         lambda that is 0 before `start_step`: a step replayed as a CUDA graph then has one computation
-        for the whole run and is captured once (capturing again at `start_step` cost `fast` a fifth
-        of a 100-step benchmark on the H200, issue 19)."""
+        for the whole run and is captured once, not again at `start_step` (two eager warm-up passes
+        and a capture, issue 19)."""
         return self.cfg.sparsity > 0.0 and self.cfg.schedule != "taylor"
 
     def penalised(self, step: int) -> bool:
