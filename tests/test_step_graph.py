@@ -42,7 +42,7 @@ def test_other_batches_and_keyless_steps_run_eagerly():
 @pytest.mark.parametrize("method,recipe,options,family", [
     ("gates", "frozen", {}, "BertModel"),  # Taylor closing (hooks into fixed buffers), rank-4 update
     ("gates", "frozen", {}, "MPNetModel"),  # eager attention: transformers makes a constant on the device
-    ("gates", "fast", {"gate.param.noise_std": 0.0}, "BertModel"),  # top-k penalty: device scalars, new key
+    ("gates", "fast", {"gate.param.noise_std": 0.0}, "BertModel"),  # top-k penalty: device scalars, lambda 0 at first
     ("lora", None, {}, "BertModel"),  # (its dropout off below: no random numbers)
     ("full", None, {}, "BertModel"),
 ])
