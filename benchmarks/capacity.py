@@ -239,7 +239,7 @@ def cmd_report(args) -> None:
     own = [r for r in rows if "source" not in r]
     add_steps_to_target(rows)
     if args.measure:
-        measure(own, args.threads, args.runs_per_model)
+        measure(own, args.threads, args.runs_per_model, args.dense)
     lines = summary(rows)
     main = ["full FT", "finetune", "gates", "tay", "gates-w", "tay-w", "gates-w-kd"]
     figures = [bar_plot(lines, Path(args.figures), main), curve_plot(Path(args.runs), Path(args.figures))]

@@ -122,15 +122,22 @@ def select(rows: list[dict]) -> list[dict]:
     return chosen
 
 
-def measure(rows: list[dict], threads: int, runs: int) -> None:
-    """Compress every structured run (all seeds: removed fraction, exactness) and time seed 0 of
-    each method and task against the dense model on the CPU. Results are cached in the run dir."""
+def measure(rows: list[dict], threads: int, runs: int, dense: str | None = None) -> None:
+    """Compress every structured run (all seeds: removed fraction, exactness) and time one run of
+    each method and task (the lowest seed that can be timed) against the dense model on the CPU.
+    Results are cached in the run dir.
+
+    A run compressed on the GPU machine comes back without weights (a base model's are too large to
+    carry) but with its compressed config, which records every layer's widths. With `dense` (the
+    dense model here) such a run is timed at those widths with random weights: latency depends on
+    the shapes, not the values. Its row says so (`latency_from`)."""
     from benchmarks.runner import compress_into_run
     from finegates.bench.latency import BenchConfig, bench
     from finegates.compression.saved import REPORT, WEIGHTS
     from finegates.data.files import write_json
 
-    todo = [r for r in rows if r["structured"]]
+    todo = sorted((r for r in rows if r["structured"]), key=lambda r: r["seed"])
+    timed = set()  # (method, task) pairs with a timed run
     for i, r in enumerate(todo):
         run_dir = Path(r["run_dir"])
         out = run_dir / "compressed"
@@ -141,19 +148,24 @@ def measure(rows: list[dict], threads: int, runs: int) -> None:
         report = json.loads(report_file.read_text()) if report_file.is_file() else compress_into_run(run_dir, limit=64)
         r.update(layer_params_removed_fraction=report["layer_params_removed_fraction"],
                  params_removed_fraction=report["removed_fraction"], max_abs_diff=report["max_abs_diff"])
-        if r["seed"] != min(x["seed"] for x in todo if (x["method"], x["task"]) == (r["method"], r["task"])):
+        if (r["method"], r["task"]) in timed:
             continue
         timing_file = run_dir / "latency.json"
-        if not timing_file.is_file() and not (out / WEIGHTS).is_file():
-            print(f"{r['method']} {r['task']}: compressed on the GPU machine, weights not brought back: not timed")
+        shapes_only = not (out / WEIGHTS).is_file()
+        if not timing_file.is_file() and shapes_only and dense is None:
+            print(f"{r['method']} {r['task']} seed {r['seed']}: compressed on the GPU machine, weights not brought "
+                  "back: not timed (--dense MODEL times it at its widths)")
             continue
+        timed.add((r["method"], r["task"]))
         if not timing_file.is_file():
-            t = bench(out, run_dir, BenchConfig(threads=threads, runs=runs, warmup=3, memory=False))
-            write_json(timing_file, {k: t[k] for k in ("latency_ms_dense", "latency_ms_compressed",
-                                                       "latency_ratio", "settings", "machine", "load_avg")})
+            t = bench(out, dense if shapes_only else run_dir, BenchConfig(threads=threads, runs=runs, warmup=3,
+                                                                           memory=False), shapes_only=shapes_only)
+            write_json(timing_file, {**{k: t[k] for k in ("latency_ms_dense", "latency_ms_compressed",
+                                                          "latency_ratio", "settings", "machine", "load_avg")},
+                                     "latency_from": "shapes" if shapes_only else "weights"})
         t = json.loads(timing_file.read_text())
         r.update(latency_ratio=t["latency_ratio"], latency_ms_dense=t["latency_ms_dense"],
-                 latency_ms_compressed=t["latency_ms_compressed"])
+                 latency_ms_compressed=t["latency_ms_compressed"], latency_from=t.get("latency_from", "weights"))
         print(f"[{i + 1}/{len(todo)}] {r['method']} {r['task']} s{r['seed']}: removed "
               f"{r['layer_params_removed_fraction']:.3f}, latency x{r['latency_ratio']:.3f}", flush=True)
 
@@ -286,7 +298,7 @@ def cmd_report(args) -> None:
         rows = [r for r in rows if r["method"] in methods]
     chosen = select(rows)
     if args.measure:
-        measure(chosen, args.threads, args.runs_per_model)
+        measure(chosen, args.threads, args.runs_per_model, args.dense)
     main = [r for r in chosen if r["method"] not in SWEEP]
     tasks = [t for t in TASK_ORDER if any(r["task"] == t for r in main)]
     lines = summarize(main, tasks)
@@ -325,6 +337,8 @@ def add_measure_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs-per-model", type=int, default=12, help="timed forward passes per model")
     parser.add_argument("--measure", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--dense", default=None, help="the dense model here (folder or name, e.g. mpnet): runs "
+                        "compressed on the GPU machine, without their weights, are timed at their widths against it")
 
 
 def main() -> None:

@@ -82,6 +82,20 @@ def test_save_reload_same_outputs(family, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_shapes_only_load_needs_no_weights(tmp_path):
+    """What a run compressed elsewhere brings back (config, no weights) rebuilds at the same widths:
+    what benchmarks.glue's `measure` times when the weights stayed on the GPU machine."""
+    from finegates.compression.saved import WEIGHTS, load
+
+    c = compress(gated("bert", "edges"))
+    save_compressed(c, None, tmp_path)
+    (tmp_path / WEIGHTS).unlink()
+    r = load(tmp_path, weights=False)
+    assert {n: p.shape for n, p in r.named_parameters()} == {n: p.shape for n, p in c.named_parameters()}
+    with pytest.raises(Exception):
+        load(tmp_path)  # the default still insists on the weights
+
+
 def _saved(tmp_path):
     save_compressed(compress(gated("bert", "edges")), None, tmp_path)
     return json.loads((tmp_path / "config.json").read_text())

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..compression.saved import load as load_compressed
 from ..core.arch import spec_for
 from ..export import input_names
 from ..loaders import load_any
@@ -188,15 +189,19 @@ def machine_info() -> dict:
             "torch": torch.__version__, "transformers": transformers.__version__, "onnxruntime": onnxruntime.__version__}
 
 
-def bench(model_dir, against=None, cfg: BenchConfig | None = None, onnx_dir=None) -> dict:
+def bench(model_dir, against=None, cfg: BenchConfig | None = None, onnx_dir=None, shapes_only: bool = False) -> dict:
     """Time and size the compressed model at MODEL_DIR against its dense counterpart.
 
-    ONNX files go to `onnx_dir` (reused when already there) or a temporary folder.
+    ONNX files go to `onnx_dir` (reused when already there) or a temporary folder. `shapes_only`
+    times a compressed folder without its weights: random values at its recorded widths.
     """
     cfg = cfg or BenchConfig()
     against = against or default_against(model_dir)
     torch.set_num_threads(cfg.threads)
-    compressed, kind_c = load_any(model_dir)
+    if shapes_only:
+        compressed, kind_c = load_compressed(model_dir, weights=False), "compressed (shapes only, random weights)"
+    else:
+        compressed, kind_c = load_any(model_dir)
     dense, kind_d = load_any(against)
     inputs = make_inputs(dense, cfg.batch, cfg.seq, cfg.seed)
     load_before = os.getloadavg()

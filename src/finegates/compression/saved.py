@@ -63,8 +63,12 @@ def _write_compressed(model: nn.Module, tokenizer, out: Path, report: dict | Non
 
 
 
-def load(model_dir) -> nn.Module:
-    """Rebuild a compressed model at its recorded shapes and load its weights strictly (eval mode)."""
+def load(model_dir, weights: bool = True) -> nn.Module:
+    """Rebuild a compressed model at its recorded shapes and load its weights strictly (eval mode).
+
+    `weights=False` stops at the shapes (the architecture's random initialisation): for timing a
+    compressed model whose weights stayed on the machine that trained it, since CPU latency depends
+    on the widths, not on the values (benchmarks/glue.py's `measure`)."""
     import transformers
     from transformers import AutoConfig
 
@@ -81,7 +85,8 @@ def load(model_dir) -> nn.Module:
         rebuild(model, fg)
     except CompressedModelError as e:
         raise CompressedModelError(f"{d}: {e}") from None
-    _load_strict(model, d / WEIGHTS)
+    if weights:
+        _load_strict(model, d / WEIGHTS)
     return restore_pooling(model).eval()
 
 
